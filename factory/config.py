@@ -1,0 +1,231 @@
+"""Typed schemas for the Hydra config tree (conf/).
+
+One source of truth per knob: every field's type and default lives here, the YAML files under
+conf/ hold values. The schemas are registered in Hydra's ConfigStore by `register()`, so a typo or
+a wrong type in YAML or on the command line fails at composition, before any compute, naming the
+key (Hydra's own "Key 'x' not in 'StudentConfig'" message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ArchConfig:
+    """The published architecture of a Qwen3 checkpoint (REFERENCE.md, config.json fields)."""
+
+    family: str = "qwen3"  # "qwen3" (dense) or "qwen3_moe"
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING  # dense MLP width (MoE cards: unused by experts)
+    head_dim: int = 128
+    vocab_size: int = 151_936
+    tie_word_embeddings: bool = False
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40_960
+    # MoE only (family == "qwen3_moe")
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    decoder_sparse_step: int = 1
+    # special-token ids the pair must agree on (REFERENCE.md)
+    eos_token_id: int = 151_645
+    pad_token_id: int = 151_643
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings for one mode (Qwen3's recommendations by default)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    min_p: float = 0.0
+    max_new_tokens: int = 32_768
+
+
+@dataclass
+class ModelCardConfig:
+    """What students and teachers share: a name, an architecture, where the weights come from."""
+
+    name: str = MISSING
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    # hub id or local Hugging Face directory; None: no published weights (built from scratch)
+    pretrained: Optional[str] = None
+    # hub id or local directory of the tokenizer; "tiny": the embedded tiny-world tokenizer;
+    # None: the same source as `pretrained`
+    tokenizer: Optional[str] = None
+    dtype: str = "bfloat16"  # weights' dtype when loaded: float32 | bfloat16 | float16
+
+
+@dataclass
+class StudentConfig(ModelCardConfig):
+    pass
+
+
+@dataclass
+class BootstrapConfig:
+    """How the bank trains a teacher that has no downloadable checkpoint (the tiny world)."""
+
+    enabled: bool = False
+    pretrain_steps: int = 0
+    sft_steps: int = 0
+    sft_examples: int = 0  # verified CoT examples per mode for the bootstrap SFT
+    batch_size: int = 64
+    lr: float = 3e-3
+    four_stage: bool = False  # also run the four-stage recipe once it exists
+
+
+@dataclass
+class TeacherConfig(ModelCardConfig):
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    quantization: Optional[str] = None  # None | "8bit" | "4bit" (bitsandbytes)
+    thinking: SamplingConfig = field(default_factory=SamplingConfig)
+    non_thinking: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.8, top_k=20)
+    )
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    kind: str = MISSING  # arith | math | code | jsonl
+    # hub dataset id or local file (jsonl / jsonl.gz); arith ignores both
+    source: Optional[str] = None
+    path: Optional[str] = None  # local override of `source`
+    split: str = "test"
+    n_train: int = 0  # training prompts (0: all available)
+    n_test: int = 0  # held-out problems evaluated (0: all)
+    difficulty: int = 2  # arith: number of operations per problem
+    max_operand: int = 99  # arith: operands drawn from [1, max_operand]
+    seed: int = 0
+    # generic jsonl field mapping
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    tests_field: str = "test"
+    entry_point_field: str = "entry_point"
+    id_field: str = "id"
+    code_timeout_s: float = 10.0
+    sandbox: str = "bwrap"  # bwrap | process (weaker, opt-in)
+
+
+@dataclass
+class StageConfig:
+    """Budget of one training stage."""
+
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    max_len: int = 256
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 64  # per problem and mode (>= 64 for Pass@64)
+    n_problems: int = 200  # held-out problems (0: all the task has)
+    modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+    ks: list[int] = field(default_factory=lambda: [1, 8, 64])
+    max_new_tokens: int = 256
+    thinking_budget: Optional[int] = None
+    batch_size: int = 512  # sequences sampled per sampler call
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    stages: list[str] = MISSING
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    sft: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
+    pretrain_corpus_size: int = 20_000
+
+
+@dataclass
+class LossConfig:
+    kind: str = "fkl"  # fkl | rkl | jsd | skew_fkl | skew_rkl | tvd
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    top_k: int = 64
+    chunk_size: int = 1024
+    ce_weight: float = 0.0
+
+
+@dataclass
+class BackendConfig:
+    name: str = "hf"  # hf | vllm | vllm_server
+    url: Optional[str] = None  # vllm_server
+    max_logprobs: int = 64
+    gpu_memory_utilization: float = 0.85
+    request_batch_size: int = 64
+    max_retries: int = 5
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
+    num_threads: int = 0  # torch intra-op threads on CPU (0: all cores)
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    progress: bool = True
+    device_peak_tflops: float = 0.0  # for MFU; 0: unknown
+    h100_utilization: float = 0.4  # the stated utilisation for projected H100-hours
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "compact-factory"
+    entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    student: StudentConfig = MISSING
+    teacher: TeacherConfig = MISSING
+    task: TaskConfig = MISSING
+    pipeline: PipelineConfig = MISSING
+    loss: LossConfig = MISSING
+    backend: BackendConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    artifacts_dir: str = "artifacts"  # the content-addressed store (relative to the launch dir)
+    dry_run: bool = False
+
+
+def register() -> None:
+    """Register the schemas: the top-level one, and one per group for the YAML files' defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in [
+        ("student", StudentConfig),
+        ("teacher", TeacherConfig),
+        ("task", TaskConfig),
+        ("pipeline", PipelineConfig),
+        ("loss", LossConfig),
+        ("backend", BackendConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name="schema", node=node)
