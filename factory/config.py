@@ -41,6 +41,8 @@ class ArchConfig:
     # special-token ids the pair must agree on (REFERENCE.md)
     eos_token_id: int = 151_645
     pad_token_id: int = 151_643
+    # metadata only (config.json's bos_token_id; Qwen3 prompts carry no BOS token)
+    bos_token_id: Optional[int] = 151_643
 
 
 @dataclass
@@ -215,17 +217,6 @@ class Config:
 
 
 def register() -> None:
-    """Register the schemas: the top-level one, and one per group for the YAML files' defaults."""
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-    for group, node in [
-        ("student", StudentConfig),
-        ("teacher", TeacherConfig),
-        ("task", TaskConfig),
-        ("pipeline", PipelineConfig),
-        ("loss", LossConfig),
-        ("backend", BackendConfig),
-        ("trainer", TrainerConfig),
-        ("logger", LoggerConfig),
-    ]:
-        cs.store(group=group, name="schema", node=node)
+    """Register the top-level schema; conf/config.yaml lists it first in its defaults, so every
+    group file is merged into a typed node and an unknown key or a wrong type fails there."""
+    ConfigStore.instance().store(name="schema", node=Config)

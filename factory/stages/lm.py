@@ -1,0 +1,93 @@
+"""Language-model training stages: `pretrain` (causal LM on a task corpus) and `sft`
+(chat-formatted, loss on the last assistant turn only). Both are thin: they turn their data into
+a deterministic `micro_step(step, micro)` and hand it to the one training loop (factory/loop.py).
+
+Batches are a pure function of (seed, step, micro), so a resumed run draws exactly the batches
+the killed one would have drawn, without data-loader state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from factory.loop import StepOutput
+
+IGNORE = -100
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """A generator seeded by (seed, step, micro): the batch a step draws never depends on history."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def pack_blocks(docs_ids: list[list[int]], eos_id: int, block_len: int) -> torch.Tensor:
+    """Concatenate documents (each followed by eos) and cut into blocks `[n_blocks, block_len]`."""
+    flat = [t for ids in docs_ids for t in (*ids, eos_id)]
+    n_blocks = len(flat) // block_len
+    if n_blocks == 0:
+        raise ValueError(f"corpus of {len(flat)} tokens is shorter than one block of {block_len}")
+    return torch.tensor(flat[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)
+
+
+def causal_lm_loss(model, input_ids_bt: torch.Tensor, labels_bt: torch.Tensor,
+                   attention_mask_bt: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count.
+
+    The caller divides by the step's token count, so every token weighs the same across
+    micro-batches of different lengths.
+    """
+    logits_btv = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt).logits
+    targets_bt = labels_bt[:, 1:]
+    # fp32 log-softmax: bf16 logits lose the tail mass
+    loss = F.cross_entropy(logits_btv[:, :-1].float().reshape(-1, logits_btv.size(-1)),
+                           targets_bt.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets_bt != IGNORE).sum())
+
+
+@dataclass
+class PretrainData:
+    blocks_nt: torch.Tensor  # [n_blocks, block_len] token ids
+    batch_size: int
+    seed: int
+
+    def micro_step(self, model, step: int, micro: int, grad_accum: int = 1) -> StepOutput:
+        g = step_generator(self.seed, step, micro)
+        rows = torch.randint(0, self.blocks_nt.size(0), (self.batch_size,), generator=g)
+        ids_bt = self.blocks_nt[rows].to(model.device)
+        loss_sum, n_tok = causal_lm_loss(model, ids_bt, ids_bt)
+        # every micro-batch has the same token count: the step's mean is a mean of means
+        return StepOutput(loss=loss_sum / (n_tok * grad_accum), tokens=ids_bt.numel(),
+                          metrics={"ce": loss_sum.item() / n_tok})
+
+
+@dataclass
+class SFTData:
+    examples: list[dict]  # each {"input_ids": [...], "labels": [...]}, labels IGNORE on context
+    batch_size: int
+    seed: int
+    pad_id: int
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = step_generator(self.seed, step, micro)
+        rows = torch.randint(0, len(self.examples), (self.batch_size,), generator=g).tolist()
+        chosen = [self.examples[i] for i in rows]
+        width = max(len(e["input_ids"]) for e in chosen)
+        ids = torch.full((len(chosen), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(chosen), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for i, e in enumerate(chosen):  # right padding: positions stay 0..len-1
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        return ids, labels, mask
+
+    def micro_step(self, model, step: int, micro: int, grad_accum: int = 1) -> StepOutput:
+        ids, labels, mask = (t.to(model.device) for t in self.batch(step, micro))
+        loss_sum, n_tok = causal_lm_loss(model, ids, labels, mask)
+        n_tok = max(n_tok, 1)
+        return StepOutput(loss=loss_sum / (n_tok * grad_accum), tokens=int(mask.sum()),
+                          metrics={"ce": loss_sum.item() / n_tok})

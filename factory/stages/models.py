@@ -1,0 +1,107 @@
+"""Stages that make model artifacts: a card's published weights, pretraining from scratch on the
+task corpus (the tiny world's base models), and SFT on verified chain-of-thought data."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from factory import chat
+from factory.flops import train_flops
+from factory.ledger import StageCost
+from factory.loop import train
+from factory.models import load_model, save_model, write_source
+from factory.pipeline import Stage, StageContext
+from factory.stages.lm import PretrainData, SFTData, pack_blocks
+from factory.tasks.registry import build_task
+from factory.tokenizer import load_tokenizer
+from students.builders import build_model, count_params
+
+
+def card_inputs(card) -> dict:
+    return OmegaConf.to_container(card, resolve=True)
+
+
+def tokenizer_for(card):
+    return load_tokenizer(card.tokenizer or card.pretrained)
+
+
+def source_stage(name: str, card, arm: str) -> Stage:
+    """A card with published weights: the artifact names the source, weights are not copied."""
+
+    def build(ctx: StageContext) -> StageCost:
+        write_source(ctx.out, card)
+        return StageCost()
+
+    return Stage(name=name, kind="model", inputs={"card": card_inputs(card)}, build=build, arm=arm)
+
+
+def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr: float,
+                   warmup_ratio: float, block_len: int, corpus_size: int, seed: int, cfg,
+                   arm: str) -> Stage:
+    """Causal-LM pretraining from random weights on the task's corpus."""
+    inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
+              "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
+              "block_len": block_len, "corpus_size": corpus_size, "seed": seed}
+
+    def build(ctx: StageContext) -> StageCost:
+        import torch
+
+        tokenizer = tokenizer_for(card)
+        task = build_task(task_cfg)
+        docs = [tokenizer.encode(d, add_special_tokens=False)
+                for d in task.corpus(corpus_size, seed=seed)]
+        data = PretrainData(pack_blocks(docs, tokenizer.eos_token_id, block_len), batch_size, seed)
+        torch.manual_seed(seed)
+        model = build_model(card, init="scratch")
+        result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
+                       warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
+                       work_dir=ctx.work, metrics=ctx.metrics)
+        save_model(result.model, tokenizer, ctx.out)
+        active = count_params(card)["flops_params"]
+        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
+
+    return Stage(name=name, kind="model", inputs=inputs, build=build, arm=arm)
+
+
+def _corpus_inputs(task_cfg) -> dict:
+    t = OmegaConf.to_container(task_cfg, resolve=True)
+    return {k: t[k] for k in ("name", "kind", "difficulty", "max_operand", "seed", "source", "path")}
+
+
+def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int) -> list[dict]:
+    """Chat-formatted SFT examples from problems with verified reasoning, one per (problem, mode):
+    /think answers with the trace in the think block, /no_think answers with an empty block."""
+    out = []
+    for i, p in enumerate(problems):
+        mode = modes[i % len(modes)]
+        messages = [{"role": "user", "content": chat.user_message(p.prompt, mode)}]
+        out.append(chat.sft_example(tokenizer, messages, p.reasoning, p.answer,
+                                    thinking=(mode == "think"), max_len=max_len))
+    return out
+
+
+def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: int, lr: float,
+              warmup_ratio: float, n_examples: int, max_len: int, seed: int, cfg,
+              arm: str) -> Stage:
+    """SFT of the `base` stage's model on n verified traces of the task's train split, in both
+    modes (alternating), loss on the assistant turn only."""
+    inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
+              "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
+              "n_examples": n_examples, "max_len": max_len, "seed": seed}
+
+    def build(ctx: StageContext) -> StageCost:
+        tokenizer = tokenizer_for(card)
+        task = build_task(task_cfg)
+        problems = task.problems("train", n_examples)
+        examples = sft_examples(tokenizer, problems, modes=("think", "no_think"), max_len=max_len)
+        data = SFTData(examples, batch_size, seed, tokenizer.pad_token_id)
+        model = load_model(ctx.upstream[base], card, device=cfg.trainer.device, dtype="float32")
+        model.train()
+        result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
+                       warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
+                       work_dir=ctx.work, metrics=ctx.metrics)
+        save_model(result.model, tokenizer, ctx.out)
+        active = count_params(card)["flops_params"]
+        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
+
+    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)
