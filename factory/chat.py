@@ -7,8 +7,8 @@ split where the sampler splits it:
     prompt_ids(messages, enable_thinking)       what `generate` is given
     assistant_text(reasoning, answer, thinking)  what the model should write after it
 
-thinking:      ...<|im_start|>assistant\\n | <think>\\n{reasoning}\\n</think>\\n\\n{answer}<|im_end|>
-non-thinking:  ...<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n | {answer}<|im_end|>
+thinking:     ...<|im_start|>assistant\\n | <think>\\n{reasoning}\\n</think>\\n\\n{answer}<|im_end|>
+non-thinking: ...<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n | {answer}<|im_end|>
 
 `sft_example` trains on exactly prompt + completion, so what a student learns is what it is later
 asked to continue; for the tiny tokenizer this equals the template's rendering of the whole

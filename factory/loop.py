@@ -12,7 +12,8 @@ Conventions a stage must follow:
   optimizer steps, so "step 7" means the same update everywhere.
 - **Batches are a pure function of (step, micro, rank).** The loop keeps no data-loader state,
   so a resumed run sees the same batches as an uninterrupted one. `current_rank()` gives the
-  process index and count, for a stage that shards its data across processes.
+  process index and count, for a stage that shards its data across processes, and
+  `current_device()` the device to put the batch on (the model may be wrapped by DDP/FSDP).
 - **The loss is already normalised for the whole optimizer step.** The loop sums the gradients
   of the `grad_accum` micro-batches without dividing: a per-token loss divides each
   micro-batch's token sum by the step's token count on this rank (all micro-batches together),
@@ -45,7 +46,7 @@ from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from factory.config import TrainerConfig
-from factory.errors import ArtifactError, NonFiniteError
+from factory.errors import ArtifactError, ConfigError, NonFiniteError
 from factory.metrics import MetricsLogger
 
 CHECKPOINT = "checkpoint"
@@ -100,6 +101,11 @@ def current_rank() -> Rank:
     """The process index and count of this training run (0 and 1 without `accelerate launch`)."""
     state = PartialState()
     return Rank(state.process_index, state.num_processes)
+
+
+def current_device() -> torch.device:
+    """The device this process trains on: where a micro_step puts its batch."""
+    return PartialState().device
 
 
 def warmup_steps(steps: int, warmup_ratio: float) -> int:
@@ -162,8 +168,13 @@ def train(
     `trainer_cfg.checkpoint_every` steps (0: only at the end) and after the last step. The
     model is trained in place. On CPU in fp32 a resumed run ends with exactly the weights of an
     uninterrupted one. Raises NonFiniteError, before the optimizer step and without writing a
-    checkpoint, when the loss or the gradient norm is NaN or inf.
+    checkpoint, when the loss or the gradient norm is NaN or inf (except fp16's overflowing
+    gradients, whose update the loss scaler skips). accelerate keeps one AcceleratorState per
+    process, so every call in a process must use the same precision and device.
     """
+    if grad_accum < 1 or steps < 0:
+        raise ConfigError(f"stage {stage!r}: grad_accum must be >= 1 and steps >= 0, "
+                          f"got grad_accum={grad_accum}, steps={steps}")
     if trainer_cfg.num_threads > 0:
         torch.set_num_threads(trainer_cfg.num_threads)
     work_dir = Path(work_dir)
@@ -233,18 +244,18 @@ def train(
             step_tokens = int(
                 accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
             )
+            step_lr = scheduler.get_last_lr()[0]
             # fp16's loss scaler expects the occasional inf gradient and skips that update
             fp16_overflow = accelerator.scaler is not None and math.isfinite(loss)
             if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise NonFiniteError(
                     f"stage {stage!r}: non-finite {what} at step {step} of {steps} "
-                    f"(loss={loss}, grad_norm={grad_norm}, lr={scheduler.get_last_lr()[0]:.3g}); "
+                    f"(loss={loss}, grad_norm={grad_norm}, lr={step_lr:.3g}); "
                     f"no update was applied and the last good checkpoint "
                     f"(step {state.step}) is kept in {work_dir / CHECKPOINT}. Lower the "
                     f"learning rate, train in fp32 or bf16, or check the stage's loss inputs."
                 )
-            step_lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -263,13 +274,14 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tok_s_run:.3g}", refresh=False)
             last = step == steps
-            if metrics is not None and (step % trainer_cfg.log_every == 0 or last):
+            log_every = trainer_cfg.log_every
+            if metrics is not None and (last or (log_every > 0 and step % log_every == 0)):
                 window_s = max(now - window_t, 1e-9)
                 state.last_metrics["tokens_per_s"] = (state.tokens - window_tokens) / window_s
                 metrics.log(stage, step, state.last_metrics)
                 window_t, window_tokens = now, state.tokens
-            every = trainer_cfg.checkpoint_every
-            if last or (every > 0 and step % every == 0):
+            ckpt_every = trainer_cfg.checkpoint_every
+            if last or (ckpt_every > 0 and step % ckpt_every == 0):
                 state.wall_s = wall_before + (time.perf_counter() - t_start)
                 _save_checkpoint(accelerator, work_dir)
     finally:

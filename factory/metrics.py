@@ -1,6 +1,9 @@
 """Training metrics: one JSON line per logged step in `metrics.jsonl`, mirrored to wandb.
 
 `metrics.jsonl` is the record reports read (STYLE.md 10); wandb is a convenience on top of it.
+After a resume, the steps between the last checkpoint and the crash are logged twice (the file
+is append-only): a reader keeps the last line per (stage, step).
+
 A wandb failure (no network, a broken install, a full disk in its directory) must never cost a
 training run, so every wandb call is guarded: the first failure prints one warning and the logger
 carries on with the JSON lines alone.

@@ -23,12 +23,6 @@ def write_source(out: Path, card) -> None:
     (Path(out) / SOURCE).write_text(json.dumps({"name": card.name, "pretrained": card.pretrained}))
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
-
 def load_model(artifact: Artifact, card, device: str = "cpu", dtype: str | None = None):
     """The model of a model artifact, on `device`, in eval mode."""
     source = artifact.path / SOURCE

@@ -32,6 +32,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+# The Qwen3 report's thinking-budget sentence (REFERENCE.md, section 4), force-fed verbatim.
+THINKING_BUDGET_TEXT = (
+    "Considering the limited time by the user, I have to give the solution based on the thinking "
+    "directly now.\n</think>.\n\n"
+)
+
 # Once this share of a batch's rows has finished, the cache is compacted to the live rows.
 # Compacting copies every layer's cache; keeping dead rows costs their share of each forward.
 _COMPACT_FRACTION = 1 / 8
@@ -61,6 +67,30 @@ class Samples:
 
     def lengths(self) -> list[int]:
         return [len(t) for t in self.tokens]
+
+
+def token_kwargs(tokenizer) -> dict:
+    """The token ids `sample` needs, from a Qwen3-style tokenizer (a real one or the tiny one).
+
+    Stops at `<|im_end|>` (the eos) and `<|endoftext|>`, as Qwen3's generation_config does;
+    pads with the tokenizer's pad id; the budget ids are THINKING_BUDGET_TEXT tokenized.
+    """
+    from factory import chat
+
+    def one_id(token: str) -> int:
+        ids = tokenizer.convert_tokens_to_ids([token])
+        if ids[0] is None or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token!r} token; it is not a Qwen3-style tokenizer")
+        return ids[0]
+
+    stop_ids = sorted({one_id(t) for t in chat.END_TOKENS} | {tokenizer.eos_token_id})
+    return {
+        "stop_ids": stop_ids,
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
+        "think_open_id": one_id(chat.THINK_OPEN),
+        "think_close_id": one_id(chat.THINK_CLOSE),
+        "budget_ids": chat.encode(tokenizer, THINKING_BUDGET_TEXT),
+    }
 
 
 def filter_logits(
@@ -225,11 +255,12 @@ def _new_cache(model, max_len: int) -> DynamicCache:
 
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on the model's device, seeded from the caller's (so a CPU seed drives CUDA)."""
-    if generator is None or generator.device == device or (
-        generator.device.type == device.type and device.index is None
-    ):
+    if generator is None:
         return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    gdev = generator.device
+    if gdev.type == device.type and (gdev.index is None or device.index is None or gdev.index == device.index):
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev).item())
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -282,22 +313,19 @@ def sample(
                 "thinking_budget needs budget_ids (the tokenized closing sentence) and think_close_id"
             )
     device = next(model.parameters()).device
-    gen = _device_generator(generator, device)
-    cache_kw = _cache_kwarg(model)
-    stop_t = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    budget_t = torch.tensor(budget_ids or [pad_id], dtype=torch.long, device=device)
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=gen)
-
-    # the prompt already closed the think block when its last think marker is </think>
-    def prompt_closed(p: list[int]) -> bool:
-        if thinking_budget is None:
-            return True
-        for tok in reversed(p):
-            if tok == think_close_id:
-                return True
-            if tok == think_open_id:
-                return False
-        return False
+    run = _Decode(
+        max_new_tokens=max_new_tokens,
+        stop_t=torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device),
+        pad_id=pad_id,
+        thinking_budget=thinking_budget,
+        budget_t=torch.tensor(budget_ids or [pad_id], dtype=torch.long, device=device),
+        think_open_id=think_open_id,
+        think_close_id=think_close_id,
+        filters=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     generator=_device_generator(generator, device)),
+        cache_kw=_cache_kwarg(model),
+        device=device,
+    )
 
     # long prompts first: waves hold prompts of similar length, so less padding is computed
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -315,10 +343,7 @@ def sample(
     try:
         with torch.inference_mode():
             for wave in waves:
-                for p, row in _run_wave(
-                    model, prompts, wave, max_new_tokens, stop_t, pad_id, thinking_budget, budget_t,
-                    think_close_id, prompt_closed, opts, cache_kw, device, bar,
-                ):
+                for p, row in _run_wave(model, prompts, wave, run, bar):
                     rows_of[p].append(row)
     finally:
         model.train(was_training)
@@ -336,90 +361,124 @@ def sample(
     return out
 
 
-def _run_wave(
-    model, prompts, wave, max_new_tokens, stop_t, pad_id, thinking_budget, budget_t,
-    think_close_id, prompt_closed, opts, cache_kw, device, bar,
-):
-    """Prefill the wave's prompts once, decode all its rows; yields (prompt, row) in row order."""
+@dataclass(frozen=True)
+class _Decode:
+    """What one `sample` call fixes for all its waves (tensors already on the model's device)."""
+
+    max_new_tokens: int
+    stop_t: torch.Tensor
+    pad_id: int
+    thinking_budget: int | None
+    budget_t: torch.Tensor
+    think_open_id: int | None
+    think_close_id: int | None
+    filters: dict  # _next_tokens' keyword arguments
+    cache_kw: str
+    device: torch.device
+
+    def prompt_closed(self, prompt: list[int]) -> bool:
+        """Whether the prompt needs no budget: no budget set, or its last think marker is
+        `</think>` (the /no_think generation prompt ends with an empty think block)."""
+        if self.thinking_budget is None:
+            return True
+        for tok in reversed(prompt):
+            if tok == self.think_close_id:
+                return True
+            if tok == self.think_open_id:
+                return False
+        return False
+
+
+def _run_wave(model, prompts: list[list[int]], wave: list[tuple[int, int]], run: _Decode, bar):
+    """Prefill the wave's prompts once, decode all its rows; yields (prompt, row) in row order.
+
+    Names end in their shapes: p = the wave's unique prompts, l = cache length, b = live batch
+    rows (shrinks as rows finish), r = all the wave's rows, t = new tokens, v = vocabulary.
+    """
+    device, max_new = run.device, run.max_new_tokens
     unique = [p for p, _ in wave]
     counts = torch.tensor([c for _, c in wave], device=device)
     lens = [len(prompts[p]) for p in unique]
     width = max(lens)
-    ids_pl = torch.full((len(unique), width), pad_id, dtype=torch.long, device=device)
-    mask_pl = torch.zeros((len(unique), width), dtype=torch.long, device=device)
+    ids_pl = torch.full((len(unique), width), run.pad_id, dtype=torch.long)
+    mask_pl = torch.zeros((len(unique), width), dtype=torch.long)
     for i, p in enumerate(unique):
-        ids_pl[i, width - lens[i]:] = torch.tensor(prompts[p], dtype=torch.long)
-        mask_pl[i, width - lens[i]:] = 1
+        ids_pl[i, width - lens[i] :] = torch.tensor(prompts[p], dtype=torch.long)
+        mask_pl[i, width - lens[i] :] = 1
+    ids_pl, mask_pl = ids_pl.to(device), mask_pl.to(device)  # one copy, not one per prompt
     pos_pl = (mask_pl.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
 
-    cache = _new_cache(model, width + max_new_tokens)
-    out = model(input_ids=ids_pl, attention_mask=mask_pl, position_ids=pos_pl,
-                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    cache = _new_cache(model, width + max_new)
+    out = model(input_ids=ids_pl, attention_mask=mask_pl, position_ids=pos_pl, use_cache=True,
+                logits_to_keep=1, **{run.cache_kw: cache})
     # one row per sample: gather each prompt's cache row `count` times
     expand = torch.repeat_interleave(torch.arange(len(unique), device=device), counts)
     cache.batch_select_indices(expand)
     logits_bv = out.logits[:, -1, :][expand]
-    # the whole wave's mask at once: prompt part, then ones; step t passes a view of width + t + 1
-    mask_bl = torch.cat([mask_pl[expand], mask_pl.new_ones((len(expand), max_new_tokens))], dim=1)
+    # the wave's whole mask at once (prompt part, then ones); step t passes a view of it
+    mask_bl = torch.cat([mask_pl[expand], mask_pl.new_ones((len(expand), max_new))], dim=1)
     next_pos_b = torch.tensor(lens, device=device)[expand]
-    closed_b = torch.tensor([prompt_closed(prompts[p]) for p in unique], device=device)[expand]
-    n_rows = int(counts.sum())
-    row_b = torch.arange(n_rows, device=device)  # which wave row each batch row is
+    closed_b = torch.tensor([run.prompt_closed(prompts[p]) for p in unique], device=device)[expand]
+    n_rows = len(expand)
+    row_b = torch.arange(n_rows, device=device)  # which wave row each live batch row is
     alive_b = torch.ones(n_rows, dtype=torch.bool, device=device)
     force_b = torch.full((n_rows,), -1, dtype=torch.long, device=device)  # budget queue cursor
 
-    tokens_rt = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs_rt = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
-    forced_rt = torch.zeros((n_rows, max_new_tokens), dtype=torch.bool, device=device)
-    length_r = torch.full((n_rows,), max_new_tokens, dtype=torch.long, device=device)
+    tokens_rt = torch.full((n_rows, max_new), run.pad_id, dtype=torch.long, device=device)
+    logprobs_rt = torch.zeros((n_rows, max_new), dtype=torch.float32, device=device)
+    forced_rt = torch.zeros((n_rows, max_new), dtype=torch.bool, device=device)
+    length_r = torch.full((n_rows,), max_new, dtype=torch.long, device=device)
     finished_r = torch.zeros(n_rows, dtype=torch.bool, device=device)
     n_alive = n_rows
 
-    for t in range(max_new_tokens):
-        tok_b, lp_b = _next_tokens(logits_bv, **opts)
-        if thinking_budget is not None:
-            if t == thinking_budget:  # every row of a wave starts together: step t = tokens so far
+    for t in range(max_new):
+        tok_b, lp_b = _next_tokens(logits_bv, **run.filters)
+        if run.thinking_budget is not None:
+            if t == run.thinking_budget:  # a wave's rows start together: t = tokens so far
                 force_b = torch.where(closed_b, force_b, torch.zeros_like(force_b))
             forcing_b = force_b >= 0
-            tok_b = torch.where(forcing_b, budget_t[force_b.clamp(min=0)], tok_b)
+            tok_b = torch.where(forcing_b, run.budget_t[force_b.clamp(min=0)], tok_b)
             lp_b = lp_b.masked_fill(forcing_b, 0.0)
             forced_rt[row_b, t] = forcing_b
             force_b = torch.where(forcing_b, force_b + 1, force_b)
-            force_b = force_b.masked_fill(force_b >= budget_t.numel(), -1)
-            closed_b = closed_b | (tok_b == think_close_id)
-        # dead rows also write here, past their length, and are cut off at the end
+            force_b = force_b.masked_fill(force_b >= run.budget_t.numel(), -1)
+            closed_b = closed_b | (tok_b == run.think_close_id)
+        # finished rows not yet compacted away write here too, past their length: cut at the end
         tokens_rt[row_b, t] = tok_b
         logprobs_rt[row_b, t] = lp_b
 
-        stopped_b = alive_b & torch.isin(tok_b, stop_t)
+        stopped_b = alive_b & torch.isin(tok_b, run.stop_t)
         finished_r[row_b] |= stopped_b
         length_r[row_b] = torch.where(stopped_b, t + 1, length_r[row_b])
         alive_b = alive_b & ~stopped_b
-        now_alive = int(alive_b.sum())
+        now_alive = int(alive_b.sum())  # the one host sync per step
         if bar is not None:
             bar.update(n_alive - now_alive)
         n_alive = now_alive
-        if n_alive == 0 or t + 1 == max_new_tokens:
+        if n_alive == 0 or t + 1 == max_new:
             break
         if n_alive <= (1 - _COMPACT_FRACTION) * alive_b.numel():
             keep = alive_b.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             tok_b, mask_bl, next_pos_b = tok_b[keep], mask_bl[keep], next_pos_b[keep]
-            closed_b, force_b, row_b, alive_b = closed_b[keep], force_b[keep], row_b[keep], alive_b[keep]
+            closed_b, force_b, row_b, alive_b = (
+                closed_b[keep], force_b[keep], row_b[keep], alive_b[keep])
 
-        out = model(input_ids=tok_b[:, None], attention_mask=mask_bl[:, : width + t + 1], position_ids=next_pos_b[:, None],
-                    use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        out = model(input_ids=tok_b[:, None], attention_mask=mask_bl[:, : width + t + 1],
+                    position_ids=next_pos_b[:, None], use_cache=True, logits_to_keep=1,
+                    **{run.cache_kw: cache})
         logits_bv = out.logits[:, -1, :]
         next_pos_b = next_pos_b + 1
     if bar is not None:
         bar.update(n_alive)
 
-    lengths = length_r.tolist()
-    tokens, logprobs, forced = tokens_rt.tolist(), logprobs_rt.tolist(), forced_rt.tolist()
-    finished = finished_r.tolist()
+    # to the host once; each row sliced to its length before becoming Python lists
+    lengths, finished = length_r.tolist(), finished_r.tolist()
+    tokens_rt, logprobs_rt, forced_rt = tokens_rt.cpu(), logprobs_rt.cpu(), forced_rt.cpu()
     r = 0
     for p, count in wave:
         for _ in range(count):
             k = lengths[r]
-            yield p, (tokens[r][:k], logprobs[r][:k], forced[r][:k], finished[r])
+            yield p, (tokens_rt[r, :k].tolist(), logprobs_rt[r, :k].tolist(),
+                      forced_rt[r, :k].tolist(), finished[r])
             r += 1

@@ -154,4 +154,6 @@ def load_tokenizer(source: str | None) -> PreTrainedTokenizerBase:
                 f"(HF_HUB_OFFLINE=1); fetch it once with `hf download {source}` where there "
                 "is network access, or give a local directory"
             )
-        raise CardError(f"cannot load tokenizer {source!r}: {hint}.\n({type(e).__name__}: {e})") from e
+        raise CardError(
+            f"cannot load tokenizer {source!r}: {hint}.\n({type(e).__name__}: {e})"
+        ) from e

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from factory.loop import StepOutput
+from factory.loop import StepOutput, current_device
 
 IGNORE = -100
 
@@ -52,14 +52,15 @@ class PretrainData:
     blocks_nt: torch.Tensor  # [n_blocks, block_len] token ids
     batch_size: int
     seed: int
+    grad_accum: int = 1
 
-    def micro_step(self, model, step: int, micro: int, grad_accum: int = 1) -> StepOutput:
+    def micro_step(self, model, step: int, micro: int) -> StepOutput:
         g = step_generator(self.seed, step, micro)
         rows = torch.randint(0, self.blocks_nt.size(0), (self.batch_size,), generator=g)
-        ids_bt = self.blocks_nt[rows].to(model.device)
+        ids_bt = self.blocks_nt[rows].to(current_device())
         loss_sum, n_tok = causal_lm_loss(model, ids_bt, ids_bt)
         # every micro-batch has the same token count: the step's mean is a mean of means
-        return StepOutput(loss=loss_sum / (n_tok * grad_accum), tokens=ids_bt.numel(),
+        return StepOutput(loss=loss_sum / (n_tok * self.grad_accum), tokens=ids_bt.numel(),
                           metrics={"ce": loss_sum.item() / n_tok})
 
 
@@ -69,6 +70,7 @@ class SFTData:
     batch_size: int
     seed: int
     pad_id: int
+    grad_accum: int = 1
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = step_generator(self.seed, step, micro)
@@ -85,9 +87,11 @@ class SFTData:
             mask[i, :n] = 1
         return ids, labels, mask
 
-    def micro_step(self, model, step: int, micro: int, grad_accum: int = 1) -> StepOutput:
-        ids, labels, mask = (t.to(model.device) for t in self.batch(step, micro))
+    def micro_step(self, model, step: int, micro: int) -> StepOutput:
+        ids, labels, mask = (t.to(current_device()) for t in self.batch(step, micro))
         loss_sum, n_tok = causal_lm_loss(model, ids, labels, mask)
-        n_tok = max(n_tok, 1)
-        return StepOutput(loss=loss_sum / (n_tok * grad_accum), tokens=int(mask.sum()),
-                          metrics={"ce": loss_sum.item() / n_tok})
+        # the loop's convention: normalise by the labelled tokens of the whole step
+        step_tokens = sum(int((self.batch(step, m)[1][:, 1:] != IGNORE).sum())
+                          for m in range(self.grad_accum)) if self.grad_accum > 1 else n_tok
+        return StepOutput(loss=loss_sum / max(step_tokens, 1), tokens=int(mask.sum()),
+                          metrics={"ce": loss_sum.item() / max(n_tok, 1)})

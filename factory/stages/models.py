@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from factory import chat
 from factory.flops import train_flops
 from factory.ledger import StageCost
-from factory.loop import train
-from factory.models import load_model, save_model, write_source
+from factory.loop import save_model, train
+from factory.models import load_model, write_source
 from factory.pipeline import Stage, StageContext
 from factory.stages.lm import PretrainData, SFTData, pack_blocks
 from factory.tasks.registry import build_task
@@ -56,7 +56,7 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
         result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
                        warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
                        work_dir=ctx.work, metrics=ctx.metrics)
-        save_model(result.model, tokenizer, ctx.out)
+        save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
 
@@ -74,7 +74,7 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int) -
     out = []
     for i, p in enumerate(problems):
         mode = modes[i % len(modes)]
-        messages = [{"role": "user", "content": chat.user_message(p.prompt, mode)}]
+        messages = [chat.user_message(p.prompt, mode)]
         out.append(chat.sft_example(tokenizer, messages, p.reasoning, p.answer,
                                     thinking=(mode == "think"), max_len=max_len))
     return out
@@ -100,7 +100,7 @@ def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: i
         result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
                        warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
                        work_dir=ctx.work, metrics=ctx.metrics)
-        save_model(result.model, tokenizer, ctx.out)
+        save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
 

@@ -156,7 +156,9 @@ class ArithTask:
 
     def __init__(self, cfg: TaskConfig):
         if cfg.difficulty < 1:
-            raise ConfigError(f"task.difficulty must be >= 1 (operations per problem), got {cfg.difficulty}")
+            raise ConfigError(
+                f"task.difficulty must be >= 1 (operations per problem), got {cfg.difficulty}"
+            )
         if cfg.max_operand < 2:
             raise ConfigError(f"task.max_operand must be >= 2, got {cfg.max_operand}")
         self.difficulty = cfg.difficulty
@@ -216,7 +218,9 @@ class ArithTask:
         """
         if split == "test":
             if n > self.n_test:
-                raise ConfigError(f"arith: asked for {n} test problems, the split has n_test={self.n_test}")
+                raise ConfigError(
+                    f"arith: asked for {n} test problems; the split has task.n_test={self.n_test}"
+                )
             return self._test_split()[: n or self.n_test]
         if split == "train":
             return self._train_prefix(n or self.n_train)

@@ -32,7 +32,9 @@ failures: a pass needs a verdict record carrying a per-run random token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import marshal
 import os
 import secrets
 import shutil
@@ -162,23 +164,24 @@ def _validate(cfg: SandboxConfig) -> None:
 # the launcher: runs inside the sandbox, first thing in a fresh interpreter
 # --------------------------------------------------------------------------
 
-# Passed with ``python -I -S -B -c``. Reads a JSON job from stdin, drops to the
+# Passed with ``python -I -S -B -c``. Reads a marshalled job from stdin, drops to the
 # sandbox uid (when started as root), applies rlimits, then runs program and
 # test in one namespace and writes a token-stamped verdict to a private fd.
 # Module references are bound before untrusted code runs, so monkeypatching
-# os/json from the program does not change the verdict record.
+# os from the program does not change the verdict record. Only cheap imports
+# (marshal, resource, ctypes): interpreter start-up dominates a check's cost.
 _LAUNCHER = r"""
 import os, sys
 def _cf_launch():
-    import json, resource, traceback
-    _write, _exit, _close = os.write, os._exit, os.close
+    import marshal, resource
+    _write, _exit = os.write, os._exit
     raw = []
     while True:
         b = os.read(0, 1 << 16)
         if not b:
             break
         raw.append(b)
-    job = json.loads(b"".join(raw))
+    job = marshal.loads(b"".join(raw))
     del raw
     fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(fd, 0)
@@ -187,51 +190,76 @@ def _cf_launch():
     os.set_inheritable(sfd, False)
 
     def report(passed, reason):
-        rec = '{"token": "%s", "passed": %s, "reason": %s}\n' % (
-            token, "true" if passed else "false", json.dumps(reason[:500]))
+        rec = "%s %d %s\n" % (token, 1 if passed else 0, reason[:500].encode("utf-8", "replace").hex())
         try:
-            sys.stdout.flush(); sys.stderr.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
         except BaseException:
             pass
-        _write(sfd, rec.encode("utf-8", "replace"))
+        _write(sfd, rec.encode())
         _exit(0 if passed else 1)
 
-    uid = job.get("uid")
+    libc = None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+    except BaseException:
+        pass
+    uid = job["uid"]
     if uid is not None and os.getuid() == 0:
+        try:  # clear the inheritable capability set bwrap leaves behind
+            hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+            data = (ctypes.c_uint32 * 6)()
+            if libc.capget(hdr, data) == 0:
+                data[2] = data[5] = 0
+                libc.capset(hdr, data)
+        except BaseException:
+            pass
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    if job.get("require_unprivileged") and (os.getuid() == 0 or os.geteuid() == 0):
+        try:  # changing uid made us non-dumpable: /proc/self would stay root's
+            libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        except BaseException:
+            pass
+    if job["require_unprivileged"] and (os.getuid() == 0 or os.geteuid() == 0):
         report(False, "sandbox error: still root after dropping privileges")
     try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+        nnp = libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     except BaseException:
-        pass
+        nnp = -1
+    if nnp != 0 and job["require_unprivileged"]:
+        report(False, "sandbox error: cannot set no_new_privs")
     for name, soft, hard in job["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    sources = {"<program>": job["program"], "<test>": job["test"]}
 
     def describe(e, where):
-        tb = traceback.extract_tb(e.__traceback__)
-        for fr in reversed(tb):
-            if fr.filename in ("<test>", "<program>"):
-                src = (job["test"] if fr.filename == "<test>" else job["program"]).splitlines()
-                line = src[fr.lineno - 1].strip() if 0 < fr.lineno <= len(src) else ""
-                at = " at %s line %d: %s" % (fr.filename[1:-1], fr.lineno, line[:200])
-                break
-        else:
-            at = ""
-        msg = str(e) if not isinstance(e, SystemExit) else "exit(%r)" % (e.code,)
-        text = type(e).__name__ + (": " + msg[:200] if msg else "")
-        return "%s%s%s" % (where, text, at)
+        try:
+            at, tb = "", e.__traceback__
+            while tb is not None:
+                name = tb.tb_frame.f_code.co_filename
+                if name in sources:
+                    lines = sources[name].splitlines()
+                    n = tb.tb_lineno or 0
+                    line = lines[n - 1].strip() if 0 < n <= len(lines) else ""
+                    at = " at %s line %d: %s" % (name[1:-1], n, line[:200])
+                tb = tb.tb_next
+            if isinstance(e, SystemExit):
+                msg = "exit(%r)" % (e.code,)
+            else:
+                msg = str(e)
+            return "%s%s%s%s" % (where, type(e).__name__, ": " + msg[:200] if msg else "", at)
+        except BaseException:
+            return where + "exception (undescribable)"
 
     g = {"__name__": "__cf_sandbox__", "__builtins__": __builtins__}
-    for label, src in (("program", job["program"]), ("test", job["test"])):
+    for label in ("program", "test"):
         try:
-            code = compile(src, "<%s>" % label, "exec")
+            code = compile(sources["<%s>" % label], "<%s>" % label, "exec")
+        except SyntaxError as e:
+            report(False, "%s in %s: %s (line %s)" % (type(e).__name__, label, e.msg, e.lineno))
         except BaseException as e:
-            if isinstance(e, SyntaxError):
-                report(False, "%s in %s: %s (line %s)" % (type(e).__name__, label, e.msg, e.lineno))
             report(False, describe(e, "cannot compile %s: " % label))
         try:
             exec(code, g)
@@ -269,6 +297,7 @@ def _python_for(cfg: SandboxConfig) -> str:
     return os.path.realpath(base)
 
 
+@functools.lru_cache(maxsize=16)
 def _python_dirs(python: str) -> list[str]:
     """Host directories the interpreter needs (besides /usr)."""
     python = os.path.realpath(python)
@@ -342,10 +371,18 @@ def _bwrap_argv(bwrap: str, python: str, cfg: SandboxConfig, *, userns: bool, pr
             a += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             a += ["--ro-bind", d, d]
-    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-              "/etc/alternatives", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf"):
+    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives"):
         a += ["--ro-bind-try", f, f]
+    made: set[str] = set()
     for d in _python_dirs(python):
+        # bwrap would copy restrictive host modes (e.g. /root 0700) onto the
+        # parents it creates; make them traversable for the sandbox uid
+        parts = Path(d).parts[1:-1]
+        for i in range(1, len(parts) + 1):
+            anc = "/" + "/".join(parts[:i])
+            if anc not in made:
+                made.add(anc)
+                a += ["--perms", "0755", "--dir", anc]
         a += ["--ro-bind", d, d]
     a += ["--proc", "/proc", "--dev", "/dev"]
     a += ["--perms", "1777", "--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp"]
@@ -403,11 +440,14 @@ def _probe(cfg: SandboxConfig) -> tuple[str | None, str]:
             return res
         errors = []
         for strategy in _bwrap_strategies(os.geteuid() == 0):
-            r = _run(
-                "def f():\n    return 1\n",
-                "def check(c):\n    import os\n    assert c() == 1\n    assert os.getpid() < 10\n",
-                "f", 20.0, cfg, "bwrap", bwrap=bwrap, strategy=strategy,
-            )
+            try:  # a trivial check that must see its own PID namespace
+                r = _run(
+                    "def f():\n    return 1\n",
+                    "def check(c):\n    import os\n    assert c() == 1\n    assert os.getpid() < 10\n",
+                    "f", 20.0, cfg, "bwrap", bwrap=bwrap, strategy=strategy,
+                )
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                r = CheckResult(False, f"{type(e).__name__}: {e}")
             if r.passed:
                 res = (strategy, f"bwrap ({strategy})")
                 break
@@ -452,26 +492,32 @@ def _wait_gone(pids: Iterable[int], deadline: float) -> None:
             time.sleep(0.01)
 
 
-def _uid_pids(uid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            for line in Path(f"/proc/{d}/status").read_text().splitlines():
-                if line.startswith("Uid:"):
-                    if int(line.split()[1]) == uid:
-                        out.append(int(d))
-                    break
-        except (OSError, ValueError):
-            continue
-    return out
+def _proc_uid(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
-def _kill_uid(uid: int, deadline: float) -> None:
-    """Kill every process of a per-check uid (process mode, root host)."""
+def _has_env(pid: int, entry: str) -> bool:
+    try:
+        return entry.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _kill_matching(pred, deadline: float) -> None:
+    """SIGKILL every live host process matching ``pred`` until none is left
+    (process mode's clean-up; bwrap mode kills the PID namespace instead)."""
+    me = os.getpid()
     while time.monotonic() < deadline:
-        pids = [p for p in _uid_pids(uid) if not _proc_gone(p)]
+        pids = []
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != me and pred(int(d)) and not _proc_gone(int(d)):
+                pids.append(int(d))
         if not pids:
             return
         for p in pids:
@@ -480,6 +526,51 @@ def _kill_uid(uid: int, deadline: float) -> None:
             except OSError:
                 pass
         time.sleep(0.01)
+
+
+def _readable_by_others(python: str) -> bool:
+    """Whether an unprivileged uid can run ``python`` and read its stdlib."""
+    try:
+        paths = [os.path.realpath(python)] + [os.path.realpath(d) for d in _python_dirs(python)]
+        if python == _python_for(SandboxConfig()):
+            import sysconfig
+            paths.append(sysconfig.get_paths()["stdlib"])
+        for p in paths:
+            cur = "/"
+            for part in Path(p).parts[1:]:
+                cur = os.path.join(cur, part)
+                st = os.stat(cur)
+                need = 0o005 if os.path.isdir(cur) else 0o004
+                if st.st_mode & need != need:
+                    return False
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _info_child_pid(fd: int) -> int | None:
+    """bwrap's --info-fd record: ``{"child-pid": N, ...}``."""
+    try:
+        info = os.read(fd, 1 << 16)
+        pid = json.loads(info.decode() or "{}").get("child-pid")
+        return int(pid) if pid else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _killpg(pid: int) -> None:
@@ -497,15 +588,17 @@ def _read_tail(f, nbytes: int) -> bytes:
 
 
 def _verdict(status: bytes, token: str) -> tuple[bool, str] | None:
+    """The launcher's record: ``<token> <1|0> <hex of utf-8 reason>``."""
     for line in status.splitlines():
-        if token.encode() not in line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("token") == token:
-            return bool(rec.get("passed")), str(rec.get("reason", ""))
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == token.encode() and parts[1] in (b"0", b"1"):
+            try:
+                reason = bytes.fromhex(parts[2].decode()).decode("utf-8", "replace")
+            except ValueError:
+                continue
+            return parts[1] == b"1", reason
+        if len(parts) == 2 and parts[0] == token.encode() and parts[1] in (b"0", b"1"):
+            return parts[1] == b"1", ""
     return None
 
 
@@ -579,15 +672,17 @@ def _run(
                 cwd = "/"
             else:  # process: plain subprocess, weaker
                 tmpdir = tempfile.mkdtemp(prefix="cf-sandbox-")
-                if uid is not None:
+                if uid is not None and _readable_by_others(python):
                     os.chown(tmpdir, uid, uid)
                     job["uid"] = uid
+                else:  # stays root: RLIMIT_NPROC cannot bind (docs/sandbox.md)
+                    job["require_unprivileged"] = False
                 argv = launcher
                 cwd = tmpdir
             env = dict(_MIN_ENV)
             if tmpdir:
-                env.update(HOME=tmpdir, TMPDIR=tmpdir)
-            payload = json.dumps(job).encode()
+                env.update(HOME=tmpdir, TMPDIR=tmpdir, CF_SANDBOX_RUN=token[:16])
+            payload = marshal.dumps(job)
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
@@ -604,6 +699,7 @@ def _run(
                 os.close(info_w)
                 info_w = None
             timed_out = False
+            child = None  # host pid of bwrap's pid 1 in the sandbox's PID namespace
             try:
                 proc.communicate(input=payload, timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -611,26 +707,34 @@ def _run(
             except BrokenPipeError:
                 pass
             finally:
-                # The outer bwrap (or the launcher, in process mode) leads its own
-                # process group; killing it makes the kernel kill bwrap's pid-1
-                # (--die-with-parent) and, with it, the whole PID namespace.
+                if info_r is not None:
+                    child = _info_child_pid(info_r)
                 if proc.poll() is None:
-                    _killpg(proc.pid)
+                    # Kill the sandbox's pid 1: the kernel then kills everything
+                    # in its PID namespace, and the outer bwrap reaps it and exits.
+                    if child and _ppid(child) == proc.pid:
+                        _kill(child)
+                        try:
+                            proc.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            pass
+                    # The outer bwrap (or the launcher, in process mode) leads its
+                    # own process group; killing it also kills bwrap's pid 1
+                    # (--die-with-parent), and with it the namespace.
+                    if proc.poll() is None:
+                        _killpg(proc.pid)
                 proc.wait()
             deadline = time.monotonic() + 10.0
             if mode == "bwrap":
-                child = None
-                try:
-                    info = os.read(info_r, 1 << 16)
-                    child = json.loads(info.decode() or "{}").get("child-pid")
-                except (OSError, ValueError):
-                    pass
                 if child:
-                    _wait_gone([int(child)], deadline)
+                    _wait_gone([child], deadline)
             else:
                 _killpg(proc.pid)
-                if uid is not None:
-                    _kill_uid(uid, deadline)
+                if job["uid"] is not None:
+                    _kill_matching(lambda pid: _proc_uid(pid) == uid, deadline)
+                # best effort for what escaped the process group without
+                # scrubbing its environment
+                _kill_matching(lambda pid: _has_env(pid, f"CF_SANDBOX_RUN={token[:16]}"), deadline)
             duration = time.monotonic() - t0
             tail = _read_tail(out, cfg.output_bytes).decode("utf-8", "replace")
             verdict = _verdict(_read_tail(status, 1 << 16), token)

@@ -9,7 +9,8 @@ compares it with the gold answer using math-verify
 and compared numerically/symbolically, so ``0.5``, ``\\frac12``, ``\\dfrac{1}{2}``
 and ``1/2`` all match; sets compare in any order; tuples and intervals compare
 element-wise; ``10\\%`` matches ``10``/``0.1``; units text (``5 \\text{ cm}``) and
-degree marks (``90^\\circ``) are dropped.
+degree marks (``90^\\circ``) are dropped; a multiple-choice gold such as
+``\\text{(C)}`` matches the bare letter (and only that letter).
 
 Robustness:
 
@@ -17,7 +18,8 @@ Robustness:
 * math-verify guards parsing and comparison with ``signal.alarm`` timeouts,
   which only work in the main thread of the main interpreter. ``grade`` uses
   them (``timeout_s``, default 5 s per step) when called from the main thread
-  and disables them in any other thread (thread pools for RL rewards), where
+  with no ``ITIMER_REAL`` of the caller's pending (which math-verify would
+  cancel), and disables them otherwise (thread pools for RL rewards), where
   it instead relies on size caps: answers longer than ``MAX_ANSWER_CHARS`` and
   expressions with huge literal exponents (power towers) grade ``False``
   without calling SymPy. For hard wall-clock guarantees across threads, call
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
 
 __all__ = ["MAX_ANSWER_CHARS", "extract_answer", "grade", "parse_answer"]
@@ -43,7 +46,7 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
 _FINAL_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<ans>.+)",
+    r"(?:final\s+answer|the\s+answer|answer)\s*[*_]*\s*(?:is|:|=)\s*[*_]*\s*:?\s*[*_]*\s*(?P<ans>.+)",
     re.IGNORECASE,
 )
 _UNICODE = {
@@ -123,8 +126,7 @@ def _strip_math_delims(s: str) -> str:
     s = s.strip()
     for _ in range(3):
         before = s
-        s = s.strip().rstrip(".;,").strip()
-        s = re.sub(r"^\*\*(.*)\*\*$", r"\1", s, flags=re.S).strip()
+        s = s.strip().rstrip(".;,").strip().strip("*").strip()  # markdown bold
         for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
             if s.startswith(left) and s.endswith(right) and len(s) > len(left) + len(right):
                 s = s[len(left) : len(s) - len(right)]
@@ -193,6 +195,11 @@ def _normalise(ans: str) -> str:
     return s.strip()
 
 
+def _base(ans: str) -> int | None:
+    m = re.fullmatch(r"[0-9A-Za-z]+\s*_\s*\{?\s*(\d+)\s*\}?", ans)
+    return int(m.group(1)) if m else None
+
+
 def _letter(ans: str) -> str | None:
     m = re.fullmatch(r"[A-E]", ans)
     return m.group(0) if m else None
@@ -216,6 +223,20 @@ def _variants(ans: str) -> list[str]:
         return [ans]
     x = m.group(1).strip()
     return [x, "\\frac{" + x + "}{100}"]
+
+
+def _alarm_timeout(timeout_s) -> int | None:
+    """math-verify's per-step timeout: whole seconds via SIGALRM, so only in
+    the main thread, and only when the caller has no ITIMER_REAL of its own
+    pending (math-verify would cancel it, e.g. pytest-timeout's)."""
+    if not timeout_s or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        if signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+            return None
+    except (AttributeError, OSError, ValueError):
+        return None
+    return max(1, int(-(-float(timeout_s) // 1)))
 
 
 def _too_big(ans: str) -> bool:
@@ -247,10 +268,13 @@ def grade(response: str, gold: str, *, timeout_s: int = 5) -> bool:
         gl, al = _letter(gold_n), _letter(ans_n)
         if gl is not None or al is not None:
             return gl is not None and gl == al
+        # a number in a base, ``52_8``: math-verify drops the subscript
+        gb, ab = _base(gold_n), _base(ans_n)
+        if gb is not None and ab is not None and gb != ab:
+            return False
         if _too_big(gold_n) or _too_big(ans_n):
             return False
-        in_main = threading.current_thread() is threading.main_thread()
-        timeout = max(1, int(round(timeout_s))) if in_main and timeout_s else None
+        timeout = _alarm_timeout(timeout_s)
         from math_verify import verify
 
         gold_p = [x for v in _variants(gold_n) for x in _parse(v, timeout)]
@@ -276,8 +300,6 @@ def parse_answer(answer: str, *, timeout_s: int = 5) -> list:
         s = _normalise(_strip_math_delims(answer))
         if not s or _too_big(s):
             return []
-        in_main = threading.current_thread() is threading.main_thread()
-        timeout = max(1, int(round(timeout_s))) if in_main and timeout_s else None
-        return [x for v in _variants(s) for x in _parse(v, timeout)]
+        return [x for v in _variants(s) for x in _parse(v, _alarm_timeout(timeout_s))]
     except Exception:  # noqa: BLE001
         return []

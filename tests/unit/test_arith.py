@@ -42,7 +42,8 @@ def test_worked_example():
     assert p.answer == "3098" == str((37 + 45) * 38 - 18)
     # a one-digit (or round) multiplier is one line; negative partial sums read as subtraction
     assert make_problem([37, 45, 3], ("+", "*")).reasoning == "37+45=82\n82*3=246"
-    assert make_problem([5, 9, 23], ("-", "*")).reasoning == "5-9=-4\n-4*3=-12\n-4*20=-80\n-12-80=-92"
+    negative = make_problem([5, 9, 23], ("-", "*"))
+    assert negative.reasoning == "5-9=-4\n-4*3=-12\n-4*20=-80\n-12-80=-92"
     assert make_problem([2, 3, 4], ("*", "+")).prompt == "Compute 2*3+4."
     assert make_problem([2, 3, 4], ("-", "-")).prompt == "Compute 2-3-4."
     assert make_problem([2, 3, 4, 5], ("+", "*", "*")).prompt == "Compute (2+3)*4*5."

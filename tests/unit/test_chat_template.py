@@ -53,7 +53,7 @@ def test_vocabulary_layout(tok):
 
 
 def test_round_trip(tok):
-    text = string.printable.replace("\t", "").replace("\r", "").replace("\x0b", "").replace("\x0c", "")
+    text = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")  # all 96 characters
     text += "\n  two  spaces , ' . ?\n\n<|im_start|>user\nx<|im_end|>\n<think>\n\n</think>\n\n"
     ids = encode(tok, text)
     assert tok.decode(ids) == text
@@ -67,9 +67,9 @@ def test_save_and_load(tok, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.chat_template == tok.chat_template
     assert (loaded.pad_token_id, loaded.eos_token_id, len(loaded)) == (0, 2, 101)
-    convo = [user("Compute 2*3. /think"), {"role": "assistant", "content": "6", "reasoning_content": "2*3=6"}]
-    for enable_thinking in (True, False):
-        assert prompt_ids(loaded, convo[:1], enable_thinking) == prompt_ids(tok, convo[:1], enable_thinking)
+    convo = [user("Compute 2*3. /think"), assistant_message("2*3=6", "6", thinking=True)]
+    for thinking in (True, False):
+        assert prompt_ids(loaded, convo[:1], thinking) == prompt_ids(tok, convo[:1], thinking)
     text = render(tok, convo)
     assert render(loaded, convo) == text
     assert encode(loaded, text) == encode(tok, text)
@@ -96,7 +96,8 @@ def test_generation_prompt_both_modes(tok):
     head = "<|im_start|>user\nCompute 2*3.<|im_end|>\n<|im_start|>assistant\n"
     assert render(tok, msgs, add_generation_prompt=True) == head
     assert render(tok, msgs, add_generation_prompt=True, enable_thinking=True) == head
-    assert render(tok, msgs, add_generation_prompt=True, enable_thinking=False) == head + EMPTY_THINK
+    no_think = render(tok, msgs, add_generation_prompt=True, enable_thinking=False)
+    assert no_think == head + EMPTY_THINK
     assert render(tok, msgs) == "<|im_start|>user\nCompute 2*3.<|im_end|>\n"
 
 
@@ -142,7 +143,8 @@ def test_multi_turn_drops_earlier_reasoning(tok):
     # the last assistant turn always gets a think block, possibly empty
     last_plain = msgs[:-1] + [{"role": "assistant", "content": "12"}]
     assert render(tok, last_plain).endswith(
-        "<|im_start|>user\nCompute 3*4. /think<|im_end|>\n<|im_start|>assistant\n" + EMPTY_THINK + "12<|im_end|>\n"
+        "<|im_start|>user\nCompute 3*4. /think<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n12<|im_end|>\n"
     )
 
 
@@ -217,7 +219,8 @@ def test_sft_example_matches_the_rendered_conversation(tok, context, thinking):
     assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + completion
     assert ex["labels"][-1] == tok.eos_token_id == 2
     trained = tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX])
-    assert trained == (f"<think>\n{reasoning}\n</think>\n\n9<|im_end|>" if thinking else "9<|im_end|>")
+    expected = f"<think>\n{reasoning}\n</think>\n\n9<|im_end|>" if thinking else "9<|im_end|>"
+    assert trained == expected
 
 
 def test_sft_example_truncates(tok):

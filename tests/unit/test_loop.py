@@ -52,7 +52,7 @@ def lm_micro_step(batch: int, grad_accum: int, *, fixed_data: bool = False, nan_
     def micro_step(model, step: int, micro: int) -> StepOutput:
         gen = torch.Generator().manual_seed(0 if fixed_data else step)
         tokens_bt = torch.randint(0, VOCAB, (batch, SEQ), generator=gen)
-        x_bt = tokens_bt[micro * micro_batch : (micro + 1) * micro_batch]
+        x_bt = tokens_bt[micro * micro_batch : (micro + 1) * micro_batch].to(loop.current_device())
         logits_btv = model(input_ids=x_bt).logits[:, :-1]
         loss = F.cross_entropy(
             logits_btv.reshape(-1, VOCAB), x_bt[:, 1:].reshape(-1), reduction="sum"
