@@ -76,17 +76,23 @@ def run_generate(model, prompts, args) -> int:
     return total
 
 
-def timed(fn, reps):
-    times, tokens = [], 0
+def timed_interleaved(fns, reps):
+    """Median wall seconds and tokens of each fn; the fns alternate within each repetition, so
+    load from other processes on a shared machine falls on both alike."""
+    times = [[] for _ in fns]
+    tokens = [0] * len(fns)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        tokens = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), tokens
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            tokens[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [(statistics.median(t), tok) for t, tok in zip(times, tokens)]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,8 +110,10 @@ def main() -> None:
     model = tiny_model(0)
     prompts = make_prompts(args.prompts, 1)
     run_sampler(model, prompts[:2], args)  # warm-up
-    t_s, tok_s = timed(lambda: run_sampler(model, prompts, args), args.reps)
-    t_g, tok_g = timed(lambda: run_generate(model, prompts, args), args.reps)
+    (t_s, tok_s), (t_g, tok_g) = timed_interleaved(
+        [lambda: run_sampler(model, prompts, args), lambda: run_generate(model, prompts, args)],
+        args.reps,
+    )
     rate_s, rate_g = tok_s / t_s, tok_g / t_g
     rows = [
         ("`factory.sampling.sample`", t_s, tok_s, rate_s),

@@ -103,22 +103,27 @@ class TeacherConfig(ModelCardConfig):
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: str = MISSING  # arith | math | code | jsonl
-    # hub dataset id or local file (jsonl / jsonl.gz); arith ignores both
-    source: Optional[str] = None
-    path: Optional[str] = None  # local override of `source`
-    split: str = "test"
+    kind: str = MISSING  # arith | math | code (factory/tasks/registry.py)
+    # where a benchmark's rows come from (factory/tasks/benchmarks.py); arith ignores these
+    source: Optional[str] = None  # hub dataset id, loaded with datasets.load_dataset
+    subset: Optional[str] = None  # the hub dataset's config name (gsm8k: "main")
+    path: Optional[str] = None  # local .jsonl / .jsonl.gz file, overriding `source`
+    split: str = "test"  # the hub split evaluated as the task's test split
+    train_split: Optional[str] = None  # hub split of training prompts (None: the task has none)
+    train_path: Optional[str] = None  # local .jsonl / .jsonl.gz of training prompts
     n_train: int = 0  # training prompts (0: all available)
     n_test: int = 0  # held-out problems evaluated (0: all)
     difficulty: int = 2  # arith: number of operations per problem
     max_operand: int = 99  # arith: operands drawn from [1, max_operand]
     seed: int = 0
-    # generic jsonl field mapping
+    # field mapping: which column of a row holds what
     problem_field: str = "problem"
-    answer_field: str = "answer"
+    answer_field: Optional[str] = "answer"  # None: no gold answer (code tasks only)
+    answer_delimiter: Optional[str] = None  # gold: the text after its last one (gsm8k: "####")
+    solution_field: Optional[str] = None  # a worked solution, kept as the problem's reasoning
     tests_field: str = "test"
     entry_point_field: str = "entry_point"
-    id_field: str = "id"
+    id_field: Optional[str] = "id"  # None: ids from the row index
     code_timeout_s: float = 10.0
     sandbox: str = "bwrap"  # bwrap | process (weaker, opt-in)
 

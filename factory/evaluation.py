@@ -89,8 +89,9 @@ def evaluate(
         pass_at_k(n_samples, 0, k)
     settings = {name: _setting(sampling, name) for name in SAMPLING_FIELDS}
 
+    thinking = mode == "think"
     prompts = [
-        chat.prompt_ids(tokenizer, [chat.user_message(p.prompt, mode)], enable_thinking=mode == "think")
+        chat.prompt_ids(tokenizer, [chat.user_message(p.prompt, mode)], enable_thinking=thinking)
         for p in problems
     ]
     start = time.perf_counter()

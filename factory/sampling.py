@@ -56,7 +56,9 @@ class Samples:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def texts(self, tokenizer, *, include_stop: bool = False, skip_special_tokens: bool = False) -> list[str]:
+    def texts(
+        self, tokenizer, *, include_stop: bool = False, skip_special_tokens: bool = False
+    ) -> list[str]:
         """Decoded completions; the final stop token of a finished row is left out unless asked."""
         out = []
         for ids, done in zip(self.tokens, self.finished):
@@ -80,7 +82,7 @@ def token_kwargs(tokenizer) -> dict:
     def one_id(token: str) -> int:
         ids = tokenizer.convert_tokens_to_ids([token])
         if ids[0] is None or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token!r} token; it is not a Qwen3-style tokenizer")
+            raise ValueError(f"the tokenizer has no {token!r} token: not a Qwen3-style tokenizer")
         return ids[0]
 
     stop_ids = sorted({one_id(t) for t in chat.END_TOKENS} | {tokenizer.eos_token_id})
@@ -197,17 +199,17 @@ class _PreallocatedLayer(DynamicLayer):
             self.device, self.is_initialized = key_states.device, True
         end = self.length + key_states.shape[-2]
         if self.buf_keys is None or end > self.buf_keys.shape[-2]:
-            self._grow(max(end, min(self.max_len, 2 * end)), key_states)
+            self._grow(max(end, min(self.max_len, 2 * end)), key_states, value_states)
         self.buf_keys[:, :, self.length:end] = key_states
         self.buf_values[:, :, self.length:end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values
 
-    def _grow(self, capacity: int, like: torch.Tensor) -> None:
-        b, h, _, d = like.shape
-        keys = like.new_empty((b, h, capacity, d))
-        values = like.new_empty((b, h, capacity, self.buf_values.shape[-1] if self.buf_values is not None else d))
+    def _grow(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        keys = key_states.new_empty((b, h, capacity, dk))
+        values = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
         if self.buf_keys is not None:
             keys[:, :, : self.length] = self.buf_keys[:, :, : self.length]
             values[:, :, : self.length] = self.buf_values[:, :, : self.length]
@@ -253,12 +255,12 @@ def _new_cache(model, max_len: int) -> DynamicCache:
     return cache
 
 
-def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+def _device_generator(generator: torch.Generator | None, device: torch.device):
     """A generator on the model's device, seeded from the caller's (so a CPU seed drives CUDA)."""
     if generator is None:
         return generator
     gdev = generator.device
-    if gdev.type == device.type and (gdev.index is None or device.index is None or gdev.index == device.index):
+    if gdev == device or (gdev.type == device.type and None in (gdev.index, device.index)):
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev).item())
     return torch.Generator(device=device).manual_seed(seed)
@@ -310,7 +312,8 @@ def sample(
             raise ValueError(f"thinking_budget must be >= 0 or None, got {thinking_budget}")
         if not budget_ids or think_close_id is None:
             raise ValueError(
-                "thinking_budget needs budget_ids (the tokenized closing sentence) and think_close_id"
+                "thinking_budget needs budget_ids (the tokenized closing sentence) and "
+                "think_close_id"
             )
     device = next(model.parameters()).device
     run = _Decode(

@@ -160,6 +160,17 @@ def build_student(card, dtype: torch.dtype, device: torch.device, seed: int):
     return model
 
 
+def recast(model, card, dtype: torch.dtype, device: torch.device):
+    """A copy of `model` in `dtype`, built the way from_config builds a model of that dtype.
+
+    Not `model.to(dtype)`: that also rounds RoPE's `inv_freq` buffer, which HF keeps in fp32 in
+    its own bf16 models, and a bf16 inv_freq moves the angles by up to ~0.5 rad at position 256.
+    """
+    other = build_student(card, dtype, device, seed=0)
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
 def rel_err(got, ref) -> float:
     """||got - ref|| / ||ref|| over a tensor or a list of tensors, in fp64."""
     got = [got] if torch.is_tensor(got) else list(got)
@@ -404,10 +415,11 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
     ref_loss = ref_grads = None
     if kernels:
         ref_loss, ref_grads = loss_and_grads(ref32, ids_bt, labels_bt)
-    ref16 = ref32.to(torch.bfloat16)  # in place: the fp32 reference model is no longer needed
+    ref16 = recast(ref32, card, torch.bfloat16, dev)
+    del ref32
     lig16 = copy.deepcopy(ref16)
     ref_logits16 = logits_of(ref16, ids_bt)
-    del ref32, ref16
+    del ref16
     _free()
 
     with liger_patched() as apply:

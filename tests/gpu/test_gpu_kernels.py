@@ -90,7 +90,7 @@ def test_liger_kernels_in_bf16_err_no_more_than_hf_bf16(gpu_check, card):
     ids_bt, _ = _ids(card)
     ref32 = gpu_check.build_student(card, torch.float32, CUDA, seed=0).eval()
     ref_logits32 = gpu_check.logits_of(ref32, ids_bt)
-    ref16 = ref32.to(torch.bfloat16)
+    ref16 = gpu_check.recast(ref32, card, torch.bfloat16, CUDA)  # RoPE's inv_freq stays fp32
     lig16 = copy.deepcopy(ref16)
     err_hf = gpu_check.rel_err(gpu_check.logits_of(ref16, ids_bt), ref_logits32)
     with gpu_check.liger_patched() as apply:

@@ -1,4 +1,4 @@
-"""Pass@k against hand-computed values and brute force; `evaluate` on a model whose output is known."""
+"""Pass@k against hand-computed values and brute force; `evaluate` on models of known output."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from factory import chat
 from factory.config import SamplingConfig, TaskConfig
 from factory.evaluation import evaluate, pass_at_k, write_eval
-from factory.sampling import sample, token_kwargs
+from factory.sampling import THINKING_BUDGET_TEXT, sample, token_kwargs
 from factory.tasks import Problem
 from factory.tasks.arith import ArithTask, make_problem
 from factory.tokenizer import build_tiny_tokenizer
@@ -151,14 +151,32 @@ def test_evaluate_think_mode_scores_think_follow():
     assert res["pass@1"] == 1.0 and res["think_follow"] == 0.0
 
 
+def test_evaluate_applies_the_thinking_budget():
+    """A model that thinks forever ("x" after "x"): after 2 tokens the report's sentence is
+    inserted, closing the think block, and the model goes on writing."""
+    model = bigram_model({"\n": ["x"], "x": ["x"]})
+    budget_len = len(token_kwargs(TOK)["budget_ids"])
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=budget_len + 5)
+    res = run_eval(model, Exact(), problems("42"), mode="think", ks=[1], sampling=sampling,
+                   thinking_budget=2)
+    assert res["samples_preview"][0]["completion"] == "xx" + THINKING_BUDGET_TEXT + "xxx"
+    assert res["think_follow"] == 1.0 and res["truncated"] == 1.0
+    assert res["mean_response_tokens"] == budget_len + 5
+    # /no_think's prompt closes the block itself: no budget, "x" to the end
+    res = run_eval(model, Exact(), problems("42"), ks=[1], sampling=sampling, thinking_budget=2)
+    assert res["samples_preview"][0]["completion"] == "x" * (budget_len + 5)
+
+
 def test_evaluate_counts_match_the_samples_it_drew():
     """A model that writes "42" or "52" at random: evaluate's counts equal a recount of the
     same draws (same prompts, same seed)."""
     model = bigram_model({"\n": ["4", "5"], "4": ["2"], "5": ["2"]})
     probs = problems("42", "52", "42")
     res = run_eval(model, Exact(), probs, n_samples=16, ks=[1, 4, 16], seed=3)
-    prompts = [chat.prompt_ids(TOK, [chat.user_message(p.prompt, "no_think")], enable_thinking=False)
-               for p in probs]
+    prompts = [
+        chat.prompt_ids(TOK, [chat.user_message(p.prompt, "no_think")], enable_thinking=False)
+        for p in probs
+    ]
     again = sample(model, prompts, 16, **vars(SAMPLING), **token_kwargs(TOK), batch_size=8,
                    generator=torch.Generator().manual_seed(3))
     texts = again.texts(TOK)

@@ -60,7 +60,8 @@ def recomputed_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Te
 
 
 def test_shapes_grouping_and_lengths(model):
-    out = run(model, n=3, temperature=1.0, generator=seeded(0), stop_ids=list(range(2, 12)))
+    out = run(model, n=3, temperature=1.0, generator=seeded(0), stop_ids=list(range(2, 12)),
+              progress=True)
     assert len(out) == 3 * len(PROMPTS)
     assert out.prompt_index == [p for p in range(len(PROMPTS)) for _ in range(3)]
     stops = set(range(2, 12))
@@ -132,7 +133,8 @@ def test_greedy_matches_generate_moe():
     for i, p in enumerate(PROMPTS):
         ids = torch.tensor([p])
         ref = moe.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)[0, len(p):].tolist()
+                           max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
+        ref = ref[0, len(p):].tolist()
         assert got.tokens[2 * i] == got.tokens[2 * i + 1] == ref[: len(got.tokens[2 * i])]
 
 
@@ -258,7 +260,8 @@ def test_texts_and_token_kwargs_with_the_tiny_tokenizer():
 
     tok = build_tiny_tokenizer()
     ids = tok.encode("<think>\nab\n</think>\n\n42<|im_end|>", add_special_tokens=False)
-    out = Samples(prompt_index=[0, 0], tokens=[ids, ids[:3]], logprobs=[[0.0] * len(ids), [0.0] * 3],
+    out = Samples(prompt_index=[0, 0], tokens=[ids, ids[:3]],
+                  logprobs=[[0.0] * len(ids), [0.0] * 3],
                   forced=[[False] * len(ids), [False] * 3], finished=[True, False])
     assert out.texts(tok) == ["<think>\nab\n</think>\n\n42", "<think>\na"]
     assert out.texts(tok, include_stop=True)[0].endswith("42<|im_end|>")
