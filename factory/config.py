@@ -120,7 +120,6 @@ class TaskConfig:
     problem_field: str = "problem"
     answer_field: Optional[str] = "answer"  # None: no gold answer (code tasks only)
     answer_delimiter: Optional[str] = None  # gold: the text after its last one (gsm8k: "####")
-    solution_field: Optional[str] = None  # a worked solution, kept as the problem's reasoning
     tests_field: str = "test"
     entry_point_field: str = "entry_point"
     id_field: Optional[str] = "id"  # None: ids from the row index

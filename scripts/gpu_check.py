@@ -138,9 +138,8 @@ def load_card(name: str, **arch_overrides):
 
     from factory.config import StudentConfig
 
-    card = OmegaConf.merge(
-        OmegaConf.structured(StudentConfig), OmegaConf.load(REPO / "conf" / "student" / f"{name}.yaml")
-    )
+    values = OmegaConf.load(REPO / "conf" / "student" / f"{name}.yaml")
+    card = OmegaConf.merge(OmegaConf.structured(StudentConfig), values)
     if arch_overrides:
         card = OmegaConf.merge(card, {"arch": arch_overrides})
     return card
@@ -202,6 +201,22 @@ def loss_and_grads(model, ids_bt: torch.Tensor, labels_bt: torch.Tensor):
     return float(loss.detach()), grads
 
 
+def import_liger():
+    """`liger_kernel.transformers`. liger imports peft when it is installed and catches only
+    ImportError: a peft that fails otherwise (a version clash with transformers) is hidden from
+    it, so it cannot take liger down with it."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+    except Exception as err:
+        print(f"  peft fails to import ({type(err).__name__}: {err}); hidden from liger")
+        sys.modules["peft"] = None  # makes `import peft` raise ImportError
+    import liger_kernel.transformers
+
+    return liger_kernel.transformers
+
+
 @contextlib.contextmanager
 def liger_patched():
     """Yields `apply(model, kernels, flce)`; on exit undoes liger's module-level patches.
@@ -219,9 +234,7 @@ def liger_patched():
     saved_forward = modeling_qwen3.Qwen3ForCausalLM.__dict__["forward"]
 
     def apply(model, kernels: bool = True, flce: bool = True) -> None:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-
-        apply_liger_kernel_to_qwen3(
+        import_liger().apply_liger_kernel_to_qwen3(
             rope=kernels, rms_norm=kernels, swiglu=kernels, cross_entropy=False,
             fused_linear_cross_entropy=flce, model=model,
         )  # fmt: skip
@@ -248,16 +261,13 @@ def random_sparse_targets(n: int, vocab: int, k: int, device) -> tuple[torch.Ten
 
 
 def compare_loss(fn, grad_inputs, const_inputs, dtype, ref_fn=None) -> dict:
-    """Value and gradients of `fn(*grad_inputs, *const_inputs)` in `dtype` against `ref_fn` (default
-    `fn`) in fp64 on the same values. Float constants follow the dtype, except those that are
-    already fp32 (cached teacher log-probs stay fp32, as in the cache). Returns rel errors."""
+    """Value and gradients (w.r.t. `grad_inputs`) of `fn(*grad_inputs, *const_inputs)` in `dtype`
+    against `ref_fn` (default `fn`) in fp64 on the same values; both kinds of input are cast to
+    the run's dtype. Returns the relative errors and whether everything was finite."""
 
     def run(fun, dt):
         leaves = [x.detach().to(dt).requires_grad_() for x in grad_inputs]
-        consts = [
-            c.to(dt) if c.is_floating_point() and c.dtype != torch.float32 else c
-            for c in const_inputs
-        ]
+        consts = [c.to(dt) for c in const_inputs]
         loss = fun(*leaves, *consts)
         grads = torch.autograd.grad(loss, leaves)
         return float(loss.detach().double()), [g.detach() for g in grads]
@@ -302,7 +312,9 @@ class Ctx:
 
     def check(self, name: str, value, bound: float | None) -> bool | None:
         value = None if value is None else float(value)
-        ok = None if bound is None else (value is not None and math.isfinite(value) and value <= bound)
+        ok = None
+        if bound is not None:
+            ok = value is not None and math.isfinite(value) and value <= bound
         self.checks.append(Check(name, value, bound, ok))
         mark = {True: "ok", False: "FAIL", None: "info"}[ok]
         print(f"  [{mark}] {name}: {_fmt(value)}" + ("" if bound is None else f" (<= {bound:g})"))
@@ -382,18 +394,21 @@ def section_peak(ctx: Ctx, clock: Clock) -> dict:
     seconds = statistics.median(times)
     tflops = 2 * n**3 / seconds / 1e12
     ctx.peak_tflops = tflops
-    print(f"  bf16 {n}^3 matmul: {seconds * 1e3:.3f} ms median of {len(times)} -> {tflops:.1f} TFLOP/s")
+    ms = seconds * 1e3
+    print(f"  bf16 {n}^3 matmul: {ms:.3f} ms (median of {len(times)}): {tflops:.0f} TFLOP/s")
     return {"n": n, "reps": len(times), "median_s": seconds, "tflops": tflops, "times_s": times}
 
 
 def section_liger(ctx: Ctx, clock: Clock) -> dict:
-    import liger_kernel  # noqa: F401  (fail early, before building models, when it is missing)
+    import_liger()  # fail early, before building models, when it is missing
 
     dev, s = ctx.device, ctx.sizes
     card = load_card(s.card)
     vocab = card.arch.vocab_size
     kernels = ctx.cuda  # Triton needs a GPU: on CPU only liger's forward (the FLCE path) is swapped
-    out: dict[str, Any] = {"card": s.card, "batch": s.liger_batch, "seq": s.liger_seq, "kernels": kernels}
+    out: dict[str, Any] = {
+        "card": s.card, "batch": s.liger_batch, "seq": s.liger_seq, "kernels": kernels,
+    }  # fmt: skip
     try:
         from liger_kernel.backends import available_impls
 
@@ -435,7 +450,9 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
 
     bound32 = LIGER_FP32_BOUND if kernels else 1e-6  # without kernels the math is HF's, exactly
     diff, diff_rel = max_abs(lig_logits32, ref_logits32)
-    out["fp32_logits"] = {"max_abs": diff, "max_rel": diff_rel, "rel": rel_err(lig_logits32, ref_logits32)}
+    out["fp32_logits"] = {
+        "max_abs": diff, "max_rel": diff_rel, "rel": rel_err(lig_logits32, ref_logits32),
+    }  # fmt: skip
     ctx.check("liger fp32 logits rel", out["fp32_logits"]["rel"], bound32)
     ctx.check("liger fp32 logits max|diff|/max|ref|", diff_rel, None)
     err_hf16 = rel_err(ref_logits16, ref_logits32)
@@ -458,10 +475,11 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
             "loss_rel": abs(lig_loss - ref_loss) / abs(ref_loss),
             "grads_rel": rel_err(lig_grads, ref_grads),
         }
-        ctx.check("liger FLCE fp32 train loss rel", out["fp32_train"]["loss_rel"], LIGER_FP32_BOUND)
-        ctx.check("liger fp32 param grads rel", out["fp32_train"]["grads_rel"], LIGER_GRAD_FP32_BOUND)
+        train = out["fp32_train"]
+        ctx.check("liger FLCE fp32 train loss rel", train["loss_rel"], LIGER_FP32_BOUND)
+        ctx.check("liger fp32 param grads rel", train["grads_rel"], LIGER_GRAD_FP32_BOUND)
     else:
-        print("  liger Triton kernels skipped: no CUDA (checked liger's forward with HF layers only)")
+        print("  liger Triton kernels skipped: no CUDA (checked liger's forward, HF layers only)")
     return out
 
 
@@ -485,8 +503,8 @@ def section_losses(ctx: Ctx, clock: Clock) -> dict:
 
     rows: list[dict] = []
 
-    def record(fn_name: str, kind: str, dtype_name: str, res: dict, bound_key: str | None = None):
-        bound_v, bound_g = LOSS_BOUNDS[(bound_key or fn_name, dtype_name)]
+    def record(fn_name: str, kind: str, dtype_name: str, res: dict) -> None:
+        bound_v, bound_g = LOSS_BOUNDS[(fn_name, dtype_name)]
         row = {"fn": fn_name, "kind": kind, "dtype": dtype_name, **res,
                "value_bound": bound_v, "grad_bound": bound_g}  # fmt: skip
         row["ok"] = bool(
@@ -500,16 +518,25 @@ def section_losses(ctx: Ctx, clock: Clock) -> dict:
         )
 
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    cases: list[tuple[str, str, Callable, list, list, Callable | None, str | None]] = []
+    # (function, kind, fn, inputs with gradients, constant inputs, fp64 reference or None = fn)
+    cases: list[tuple[str, str, Callable, list, list, Callable | None]] = []
     for kind in L.KINDS:
-        cases.append(("divergence", kind, lambda z, t, kind=kind: L.divergence(z, t, mask_bt, kind),
-                      [student_btv], [teacher_btv], None, None))  # fmt: skip
-    cases.append(("divergence", "jsd@T2", lambda z, t: L.divergence(z, t, mask_bt, "jsd", 2.0),
-                  [student_btv], [teacher_btv], None, None))  # fmt: skip
+
+        def dense(z, t, kind=kind):
+            return L.divergence(z, t, mask_bt, kind)
+
+        cases.append(("divergence", kind, dense, [student_btv], [teacher_btv], None))
+
+    def dense_t2(z, t):
+        return L.divergence(z, t, mask_bt, "jsd", temperature=2.0)
+
+    cases.append(("divergence", "jsd@T2", dense_t2, [student_btv], [teacher_btv], None))
     for kind in L.KINDS:
-        cases.append(("sparse", kind,
-                      lambda z, kind=kind: L.sparse_divergence(z, t_ids_btk, t_logp_btk, mask_bt, kind),
-                      [student_btv], [], None, None))  # fmt: skip
+
+        def sparse(z, kind=kind):
+            return L.sparse_divergence(z, t_ids_btk, t_logp_btk, mask_bt, kind)
+
+        cases.append(("sparse", kind, sparse, [student_btv], [], None))
     for kind in L.KINDS:
 
         def fused(h, w, kind=kind):
@@ -520,35 +547,39 @@ def section_losses(ctx: Ctx, clock: Clock) -> dict:
         def plain(h, w, kind=kind):
             return L.sparse_divergence(h @ w.T, t_ids_btk, t_logp_btk, mask_bt, kind)
 
-        cases.append(("fused", kind, fused, [hidden_bth, weight_vh], [], plain, None))
-    cases.append(("liger_jsd", "jsd",
-                  lambda h, w, th, tw: L.fused_dense_jsd(h, w, th, tw, mask_bt, beta=0.5, chunk_size=256),
-                  [hidden_bth, weight_vh], [t_hidden_bth, t_weight_vh],
-                  lambda h, w, th, tw: L.divergence(h @ w.T, th @ tw.T, mask_bt, "jsd", beta=0.5),
-                  None))  # fmt: skip
+        cases.append(("fused", kind, fused, [hidden_bth, weight_vh], [], plain))
+
+    def liger_jsd(h, w, th, tw):  # liger makes N // chunk_size chunks: 2 at full size
+        return L.fused_dense_jsd(h, w, th, tw, mask_bt, beta=0.5, chunk_size=256)
+
+    def dense_jsd(h, w, th, tw):
+        return L.divergence(h @ w.T, th @ tw.T, mask_bt, "jsd", beta=0.5)
+
+    cases.append(("liger_jsd", "jsd", liger_jsd, [hidden_bth, weight_vh],
+                  [t_hidden_bth, t_weight_vh], dense_jsd))  # fmt: skip
 
     skipped = 0
-    for fn_name, kind, fn, grad_inputs, consts, ref_fn, bound_key in cases:
+    for fn_name, kind, fn, grad_inputs, consts, ref_fn in cases:
         for dtype_name, dtype in dtypes.items():
             if clock.left() < 0:
                 skipped += 1
                 continue
             try:
                 res = compare_loss(fn, grad_inputs, consts, dtype, ref_fn)
+                record(fn_name, kind, dtype_name, res)
+                if fn_name == "fused":  # the fused kernel against the plain path, same dtype
+                    same = _same_dtype_reference(ref_fn, dtype)
+                    res = compare_loss(fn, grad_inputs, consts, dtype, same)
+                    record("fused_vs_plain", kind, dtype_name, res)
             except Exception as err:  # one case failing must not hide the others
                 rows.append({"fn": fn_name, "kind": kind, "dtype": dtype_name, "ok": False,
                              "error": f"{type(err).__name__}: {err}"})  # fmt: skip
                 print(f"  [FAIL] {fn_name} {kind} {dtype_name}: {type(err).__name__}: {err}")
                 _free()
-                continue
-            record(fn_name, kind, dtype_name, res, bound_key)
-            if fn_name == "fused":  # the fused kernel against the plain path in the same dtype
-                dt_fn = _same_dtype_reference(ref_fn, dtype)
-                res = compare_loss(fn, grad_inputs, consts, dtype, dt_fn)
-                record("fused_vs_plain", kind, dtype_name, res)
     for row in rows:
         if not row.get("ok"):
-            ctx.checks.append(Check(f"loss {row['fn']} {row['kind']} {row['dtype']}", None, None, False))
+            name = f"loss {row['fn']} {row['kind']} {row['dtype']}"
+            ctx.checks.append(Check(name, None, None, False))
     n_ok = sum(1 for r in rows if r.get("ok"))
     ctx.check("loss cases failing", len(rows) - n_ok, 0)
     if skipped:
@@ -585,7 +616,7 @@ def section_step(ctx: Ctx, clock: Clock) -> dict:
 
     model = build_student(card, torch.bfloat16, dev, ctx.seed).train()
     decoder = getattr(model, model.base_model_prefix)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, fused=ctx.cuda)
     torch.manual_seed(ctx.seed + 3)
     ids_bt = torch.randint(0, vocab, (B, T), device=dev)
@@ -609,7 +640,7 @@ def section_step(ctx: Ctx, clock: Clock) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def paths_agree(tag: str) -> dict:
         """Plain and fused loss and gradients at the same weights (no optimizer step)."""
@@ -617,10 +648,11 @@ def section_step(ctx: Ctx, clock: Clock) -> dict:
         grads_plain = torch.autograd.grad(loss_plain, params)
         loss_fused = loss_of("fused")
         grads_fused = torch.autograd.grad(loss_fused, params)
+        plain, fused = float(loss_plain.detach()), float(loss_fused.detach())
         res = {
-            "loss_plain": float(loss_plain),
-            "loss_fused": float(loss_fused),
-            "loss_rel": abs(float(loss_fused) - float(loss_plain)) / abs(float(loss_plain)),
+            "loss_plain": plain,
+            "loss_fused": fused,
+            "loss_rel": abs(fused - plain) / abs(plain),
             "grads_rel": rel_err(grads_fused, grads_plain),
         }
         del grads_plain, grads_fused
@@ -707,8 +739,10 @@ def section_sampler(ctx: Ctx, clock: Clock) -> dict:
     opts = dict(temperature=0.6, top_p=0.95, top_k=20)
 
     def ours(new: int) -> int:
-        out = sample(model, prompts.tolist(), s.sample_n, max_new_tokens=new, stop_ids=[], pad_id=pad,
-                     generator=torch.Generator().manual_seed(ctx.seed), **opts)  # fmt: skip
+        out = sample(
+            model, prompts.tolist(), s.sample_n, max_new_tokens=new, stop_ids=[], pad_id=pad,
+            generator=torch.Generator().manual_seed(ctx.seed), **opts,
+        )  # fmt: skip
         return sum(out.lengths())
 
     ids_pl = prompts.to(dev)
@@ -742,7 +776,8 @@ def section_sampler(ctx: Ctx, clock: Clock) -> dict:
         res[name] = {"wall_s": times, "tokens": counts[0], "tokens_per_s": counts[0] / sec}
         print(f"  {name}: {counts[0]:,} tokens in {sec:.2f} s -> {counts[0] / sec:,.0f} tok/s")
         # no stop ids: every row must run to max_new_tokens
-        ctx.check(f"{name}: tokens short of rows x max_new_tokens", rows * s.sample_new - counts[0], 0)
+        short = rows * s.sample_new - counts[0]
+        ctx.check(f"{name}: tokens short of rows x max_new_tokens", short, 0)
     ours_tps = res["factory.sampling.sample"]["tokens_per_s"]
     res["speedup_vs_generate"] = ours_tps / res["transformers generate"]["tokens_per_s"]
     ctx.check("sampler speed-up over HF generate (x)", res["speedup_vs_generate"], None)
@@ -777,9 +812,11 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        **{name: version(name) for name in ("transformers", "triton", "liger_kernel", "accelerate")},
+        **{name: version(name) for name in ("transformers", "triton", "liger_kernel", "peft")},
         "device": str(device),
+        # fp32 matmuls in full fp32 unless these say otherwise (the fp32 bounds assume so)
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -790,7 +827,8 @@ def environment(device: torch.device) -> dict:
             capability=".".join(map(str, torch.cuda.get_device_capability(device))),
         )
     else:
-        env.update(gpu=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+        cpu = platform.processor() or platform.machine()
+        env.update(gpu=f"CPU ({cpu}, {os.cpu_count()} cores)")
     return env
 
 
@@ -849,16 +887,17 @@ def markdown(report: dict, full: bool = True) -> str:
     if samp:
         lines += [
             "",
-            f"### Sampling ({samp['card']} shape, random weights, bf16, {samp['prompts']} prompts x "
-            f"{samp['n']} samples of {samp['prompt_len']}-token prompts, {samp['new_tokens']} new "
-            "tokens, no stop, T=0.6 top-p 0.95 top-k 20)",
+            f"### Sampling ({samp['card']} shape, random weights, bf16, {samp['prompts']} "
+            f"prompts x {samp['n']} samples of {samp['prompt_len']}-token prompts, "
+            f"{samp['new_tokens']} new tokens, no stop, T=0.6 top-p 0.95 top-k 20)",
             "",
             "| sampler | tokens/s | wall s |",
             "| --- | --- | --- |",
         ]
         for name in ("factory.sampling.sample", "transformers generate"):
             r = samp[name]
-            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {statistics.median(r['wall_s']):.2f} |")
+            wall = statistics.median(r["wall_s"])
+            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {wall:.2f} |")
         lines.append(f"\nSpeed-up over `generate`: {samp['speedup_vs_generate']:.2f}x.")
 
     losses = sec.get("losses", {}).get("result")
@@ -869,7 +908,8 @@ def markdown(report: dict, full: bool = True) -> str:
             f"### factory.losses on the device vs fp64 (B={sh['B']}, T={sh['T']}, V={sh['V']:,}, "
             f"H={sh['H']}, k={sh['k']}, fused chunk {sh['chunk']}): worst over kinds",
             "",
-            "| function | dtype | kinds ok | worst value rel | worst grad rel | bounds (value, grad) |",
+            "| function | dtype | kinds ok | worst value rel | worst grad rel "
+            "| bounds (value, grad) |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         groups: dict[tuple, list] = {}
@@ -924,9 +964,12 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="JSON report (and .md beside it)")
-    ap.add_argument("--allow-cpu", action="store_true", help="run on CPU (a smoke run; use with --tiny)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"),
+                    help="JSON report (and the Markdown beside it, .md)")  # fmt: skip
+    ap.add_argument("--allow-cpu", action="store_true", help="run on CPU: a smoke run, with --tiny")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (the tiny card): a smoke run")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--seed", type=int, default=0)
@@ -946,8 +989,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print("gpu_check:", json.dumps(env))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"env": env, "sizes": "tiny" if args.tiny else "full",
-                              "sizes_detail": asdict(sizes), "sections": {}, "checks": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "env": env, "sizes": "tiny" if args.tiny else "full", "sizes_detail": asdict(sizes),
+        "sections": {}, "checks": [],
+    }  # fmt: skip
     interrupted = False
     for name, fn in SECTIONS.items():
         if only and name not in only:

@@ -44,6 +44,11 @@ def eval_stage(label: str, model_stage: str, card, mode: str, cfg) -> Stage:
                           ks=list(ev.ks), sampling=sampling, thinking_budget=ev.thinking_budget,
                           batch_size=ev.batch_size, seed=cfg.seed)
         result.update(model=label, task=cfg.task.name)
+        if cfg.task.kind == "arith":  # the floor Pass@k must clear to mean anything
+            from factory.tasks.arith import guess_baseline
+
+            train = task.problems("train", 100_000)
+            result["guess_baseline"] = {k: guess_baseline(train, problems, k) for k in ev.ks}
         write_eval(result, ctx.out / EVAL_FILE)
         tokens = result["generated_tokens"]
         return StageCost(tokens=tokens,

@@ -58,7 +58,8 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
                        work_dir=ctx.work, metrics=ctx.metrics)
         save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]
-        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
+        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
+                         notes={"steps": result.steps, "resumed_from": result.resumed_from})
 
     return Stage(name=name, kind="model", inputs=inputs, build=build, arm=arm)
 
@@ -102,6 +103,7 @@ def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: i
                        work_dir=ctx.work, metrics=ctx.metrics)
         save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]
-        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens))
+        return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
+                         notes={"steps": result.steps, "resumed_from": result.resumed_from})
 
     return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)

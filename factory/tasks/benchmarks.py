@@ -7,8 +7,9 @@ A card (conf/task/*.yaml) names where the rows come from and which column holds 
                               with `datasets.load_dataset("json", data_files=path)`
     train_split / train_path  where training prompts come from; None for the held-out
                               benchmarks, which then refuse problems("train")
-    *_field                   the column mapping (problem, answer, solution, tests, entry point,
-                              id); `answer_delimiter` takes the gold after it (gsm8k: "####")
+    *_field                   the column mapping (problem, answer, tests, entry point, id);
+                              `answer_delimiter` takes the gold after it (gsm8k: "####") and
+                              keeps the text before it as the problem's reasoning
 
 Two kinds, one class each:
 
@@ -149,7 +150,8 @@ def _load_local(task: str, path: str, required: dict[str, str]) -> _Rows:
 
 
 def _load_hub(task: str, source: str, subset: str | None, split: str,
-              required: dict[str, str]) -> _Rows:
+              required: dict[str, str], override: str) -> _Rows:
+    """The hub split; on failure the error names `override`, the key of a local file instead."""
     import datasets
 
     name = source if subset is None else f"{source} ({subset})"
@@ -163,7 +165,7 @@ def _load_hub(task: str, source: str, subset: str | None, split: str,
             why = (f"cannot load {name} [{split}] from the Hugging Face Hub "
                    f"({type(err).__name__}: {first_line})")
         raise ConfigError(f"task {task!r}: {why}; load it from a local file instead with "
-                          f"task.path=/path/to/file.jsonl (.jsonl or .jsonl.gz)") from None
+                          f"{override}=/path/to/file.jsonl (.jsonl or .jsonl.gz)") from None
     for field, key in required.items():
         if field not in ds.column_names:
             raise ConfigError(f"task {task!r}: {name} [{split}] has no field {field!r} (mapped "
@@ -175,7 +177,7 @@ def _load_hub(task: str, source: str, subset: str | None, split: str,
 def _required(cfg: TaskConfig, code: bool) -> dict[str, str]:
     """field -> the override that maps it, for the fields a row must have."""
     keys = {"problem_field": cfg.problem_field, "answer_field": cfg.answer_field,
-            "solution_field": cfg.solution_field, "id_field": cfg.id_field}
+            "id_field": cfg.id_field}
     if code:
         keys |= {"tests_field": cfg.tests_field, "entry_point_field": cfg.entry_point_field}
     elif cfg.answer_field is None:
@@ -200,13 +202,15 @@ class _Splits:
             if cfg.path:
                 return _load_local(name, cfg.path, self.required)
             if cfg.source:
-                return _load_hub(name, cfg.source, cfg.subset, cfg.split, self.required)
+                return _load_hub(name, cfg.source, cfg.subset, cfg.split, self.required,
+                                 "task.path")
             raise ConfigError(f"task {name!r} has no data: set task.path=/path/to/file.jsonl "
                               f"(.jsonl or .jsonl.gz) or task.source=<hub dataset id>")
         if cfg.train_path:
             return _load_local(name, cfg.train_path, self.required)
         if cfg.train_split and cfg.source:
-            return _load_hub(name, cfg.source, cfg.subset, cfg.train_split, self.required)
+            return _load_hub(name, cfg.source, cfg.subset, cfg.train_split, self.required,
+                             "task.train_path")
         raise ConfigError(
             f"task {name!r} has no training split: it is a held-out benchmark (the arith task is "
             f"the one with training data); to train on prompts of your own, set "
@@ -233,7 +237,7 @@ class _Splits:
 
 
 def _meta(row: dict, mapped: Iterable[str | None]) -> dict:
-    """The row's other scalar fields (MATH-500's subject and level, AIME's url...)."""
+    """The row's other scalar fields (MATH-500's solution, subject and level; AIME's url)."""
     skip = set(mapped)
     return {k: v for k, v in row.items()
             if k not in skip and isinstance(v, (str, int, float, bool))}
@@ -259,14 +263,14 @@ class MathTask:
     def _problem(self, row: dict, pid: str, where: Callable[[], str]) -> Problem:
         cfg = self.cfg
         answer = str(row[cfg.answer_field]).strip()
-        reasoning = str(row[cfg.solution_field]) if cfg.solution_field else None
+        reasoning = None
         if cfg.answer_delimiter is not None:
             head, sep, gold = answer.rpartition(cfg.answer_delimiter)
             if not sep:
                 raise ConfigError(f"task {cfg.name!r}: {where()}: the answer has no "
                                   f"{cfg.answer_delimiter!r} before its gold "
                                   f"(task.answer_delimiter); it reads {answer[-80:]!r}")
-            answer, reasoning = gold.strip(), reasoning or head.strip()
+            answer, reasoning = gold.strip(), head.strip()
             if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", answer):
                 answer = answer.replace(",", "")  # "1,600": thousands, not a pair
         return Problem(
@@ -274,8 +278,7 @@ class MathTask:
             prompt=math_prompt(str(row[cfg.problem_field])),
             answer=answer,
             reasoning=reasoning,
-            meta=_meta(row, [cfg.problem_field, cfg.answer_field, cfg.solution_field,
-                             cfg.id_field]),
+            meta=_meta(row, [cfg.problem_field, cfg.answer_field, cfg.id_field]),
         )
 
     def problems(self, split: str, n: int = 0) -> list[Problem]:
@@ -316,12 +319,11 @@ class CodeTask:
             id=pid,
             prompt=code_prompt(function_prompt),
             answer=str(row[cfg.answer_field]) if cfg.answer_field else "",
-            reasoning=str(row[cfg.solution_field]) if cfg.solution_field else None,
             tests=str(row[cfg.tests_field]),
             entry_point=str(row[cfg.entry_point_field]),
             meta={"function_prompt": function_prompt,
-                  **_meta(row, [cfg.problem_field, cfg.answer_field, cfg.solution_field,
-                                cfg.tests_field, cfg.entry_point_field, cfg.id_field])},
+                  **_meta(row, [cfg.problem_field, cfg.answer_field, cfg.tests_field,
+                                cfg.entry_point_field, cfg.id_field])},
         )
 
     def problems(self, split: str, n: int = 0) -> list[Problem]:

@@ -86,7 +86,7 @@ def test_liger_kernels_match_hf_qwen3_in_fp32(gpu_check, card):
 
 
 def test_liger_kernels_in_bf16_err_no_more_than_hf_bf16(gpu_check, card):
-    """In bf16, liger's logits are as close to the fp32 model as HF's own bf16 logits (within 2x)."""
+    """In bf16, liger's logits are as close to the fp32 model as HF's own bf16 ones (within 2x)."""
     ids_bt, _ = _ids(card)
     ref32 = gpu_check.build_student(card, torch.float32, CUDA, seed=0).eval()
     ref_logits32 = gpu_check.logits_of(ref32, ids_bt)
@@ -180,7 +180,8 @@ def test_sampler_on_cuda_logprobs_match_rescoring(gpu_check, card):
 
     model = gpu_check.build_student(card, torch.float32, CUDA, seed=0).eval()
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, card.arch.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 12)]
+    vocab = card.arch.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9, 12)]
     kwargs = dict(temperature=1.0, max_new_tokens=12, stop_ids=[], pad_id=card.arch.pad_token_id)
     out = sample(model, prompts, 2, generator=torch.Generator().manual_seed(0), **kwargs)
     again = sample(model, prompts, 2, generator=torch.Generator().manual_seed(0), **kwargs)
