@@ -320,6 +320,13 @@ class Ctx:
         print(f"  [{mark}] {name}: {_fmt(value)}" + ("" if bound is None else f" (<= {bound:g})"))
         return ok
 
+    def failed(self, label: str, err: BaseException) -> str:
+        """Record a part of a section that raised, so the rest of the section still runs."""
+        traceback.print_exc()
+        self.checks.append(Check(f"{label} ran", None, None, False))
+        print(f"  [FAIL] {label}: {type(err).__name__}: {err}")
+        return f"{type(err).__name__}: {str(err)[:300]}"
+
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -446,7 +453,10 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
         out["first_forward_s"] = time.monotonic() - t0  # includes Triton's compile
         lig_loss = lig_grads = None
         if kernels:
-            lig_loss, lig_grads = loss_and_grads(lig32, ids_bt, labels_bt)
+            try:
+                lig_loss, lig_grads = loss_and_grads(lig32, ids_bt, labels_bt)
+            except Exception as err:  # keep the logits checks above
+                out["fp32_train_error"] = ctx.failed("liger FLCE fp32 train step", err)
 
     bound32 = LIGER_FP32_BOUND if kernels else 1e-6  # without kernels the math is HF's, exactly
     diff, diff_rel = max_abs(lig_logits32, ref_logits32)
@@ -468,7 +478,7 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
     ctx.check("HF bf16 logits rel to fp32 (yardstick)", err_hf16, None)
     # bf16 passes when liger's bf16 error to the fp32 model is within 2x HF's own bf16 error
     ctx.check("liger bf16 logits rel to fp32", err_lig16, max(2 * err_hf16, 1e-3))
-    if kernels:
+    if lig_loss is not None:
         out["fp32_train"] = {
             "hf_loss": ref_loss,
             "liger_flce_loss": lig_loss,
@@ -478,7 +488,7 @@ def section_liger(ctx: Ctx, clock: Clock) -> dict:
         train = out["fp32_train"]
         ctx.check("liger FLCE fp32 train loss rel", train["loss_rel"], LIGER_FP32_BOUND)
         ctx.check("liger fp32 param grads rel", train["grads_rel"], LIGER_GRAD_FP32_BOUND)
-    else:
+    if not kernels:
         print("  liger Triton kernels skipped: no CUDA (checked liger's forward, HF layers only)")
     return out
 
@@ -712,12 +722,22 @@ def section_step(ctx: Ctx, clock: Clock) -> dict:
         with liger_patched() if liger else contextlib.nullcontext() as apply:
             if liger:  # kernels only: the distillation loss takes hidden states, not labels
                 apply(model, kernels=True, flce=False)
-            out[f"agree_{tag}"] = paths_agree(tag)
+            try:
+                out[f"agree_{tag}"] = paths_agree(tag)
+            except Exception as err:
+                out[f"agree_{tag}"] = {"error": ctx.failed(f"step {tag}: fused vs plain", err)}
+            _free()
             for path in ("plain", "fused"):
                 if clock.left() < 0:
                     out["runs"].append({"liger": liger, "path": path, "skipped": "time budget"})
                     continue
-                res = timed(path)
+                try:
+                    res = timed(path)
+                except Exception as err:
+                    error = ctx.failed(f"step {tag}/{path}", err)
+                    out["runs"].append({"liger": liger, "path": path, "skipped": error})
+                    _free()
+                    continue
                 bad = sum(1 for x in res["losses"] if not math.isfinite(x))
                 ctx.check(f"step {tag}/{path} non-finite losses", bad, 0)
                 out["runs"].append({"liger": liger, "path": path, **res})
@@ -761,25 +781,30 @@ def section_sampler(ctx: Ctx, clock: Clock) -> dict:
         "prompt_len": s.sample_prompt_len, "new_tokens": s.sample_new, "settings": opts,
     }  # fmt: skip
     for name, fn in (("factory.sampling.sample", ours), ("transformers generate", hf)):
-        torch.manual_seed(ctx.seed)
-        fn(4)  # warm-up: kernels, cache allocators
         times, counts = [], []
-        for _ in range(2):
-            if times and clock.left() < 30:
-                break
-            ctx.sync()
-            t0 = time.perf_counter()
-            counts.append(fn(s.sample_new))
-            ctx.sync()
-            times.append(time.perf_counter() - t0)
+        try:
+            torch.manual_seed(ctx.seed)
+            fn(4)  # warm-up: kernels, cache allocators
+            for _ in range(2):
+                if times and clock.left() < 30:
+                    break
+                ctx.sync()
+                t0 = time.perf_counter()
+                counts.append(fn(s.sample_new))
+                ctx.sync()
+                times.append(time.perf_counter() - t0)
+        except Exception as err:
+            res[name] = {"error": ctx.failed(name, err)}
+            continue
         sec = statistics.median(times)
         res[name] = {"wall_s": times, "tokens": counts[0], "tokens_per_s": counts[0] / sec}
         print(f"  {name}: {counts[0]:,} tokens in {sec:.2f} s -> {counts[0] / sec:,.0f} tok/s")
         # no stop ids: every row must run to max_new_tokens
         short = rows * s.sample_new - counts[0]
         ctx.check(f"{name}: tokens short of rows x max_new_tokens", short, 0)
-    ours_tps = res["factory.sampling.sample"]["tokens_per_s"]
-    res["speedup_vs_generate"] = ours_tps / res["transformers generate"]["tokens_per_s"]
+    ours_tps = res["factory.sampling.sample"].get("tokens_per_s")
+    hf_tps = res["transformers generate"].get("tokens_per_s")
+    res["speedup_vs_generate"] = ours_tps / hf_tps if ours_tps and hf_tps else None
     ctx.check("sampler speed-up over HF generate (x)", res["speedup_vs_generate"], None)
     return res
 
@@ -874,7 +899,7 @@ def markdown(report: dict, full: bool = True) -> str:
                 run.get("path"), run.get("path", "-")
             )
             if "skipped" in run:
-                lines.append(f"| {kern} | {path} | skipped ({run['skipped']}) | | | | | |")
+                lines.append(f"| {kern} | {path} | skipped ({run['skipped'][:80]}) | | | | | |")
                 continue
             mfu = "-" if run["mfu_measured"] is None else f"{run['mfu_measured']:.1%}"
             mem = "-" if run["peak_mem_gib"] is None else f"{run['peak_mem_gib']:.1f}"
@@ -895,10 +920,14 @@ def markdown(report: dict, full: bool = True) -> str:
             "| --- | --- | --- |",
         ]
         for name in ("factory.sampling.sample", "transformers generate"):
-            r = samp[name]
+            r = samp.get(name, {"error": "not run"})
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error'][:80]} | |")
+                continue
             wall = statistics.median(r["wall_s"])
             lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {wall:.2f} |")
-        lines.append(f"\nSpeed-up over `generate`: {samp['speedup_vs_generate']:.2f}x.")
+        if samp["speedup_vs_generate"]:
+            lines.append(f"\nSpeed-up over `generate`: {samp['speedup_vs_generate']:.2f}x.")
 
     losses = sec.get("losses", {}).get("result")
     if losses and losses.get("cases"):
@@ -952,10 +981,14 @@ def markdown(report: dict, full: bool = True) -> str:
 
 
 def write_report(path: Path, report: dict) -> None:
+    """The JSON first (atomically), then the Markdown: a bug in the table loses no numbers."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(path)
-    path.with_suffix(".md").write_text(markdown(report))
+    try:
+        path.with_suffix(".md").write_text(markdown(report))
+    except Exception:
+        traceback.print_exc()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1022,7 +1055,11 @@ def main(argv: list[str] | None = None) -> int:
         _free()
         write_report(args.out, report)
 
-    print("\n" + markdown(report, full=False))
+    try:
+        print("\n" + markdown(report, full=False))
+    except Exception:
+        traceback.print_exc()
+        print(json.dumps(report["checks"], indent=1))
     failed = [c.name for c in ctx.checks if c.ok is False]
     print(f"gpu_check: {len(failed)} failed check(s){': ' + '; '.join(failed) if failed else ''}")
     print(f"gpu_check: wrote {args.out} and {args.out.with_suffix('.md')}")

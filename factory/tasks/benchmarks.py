@@ -46,8 +46,9 @@ CODE_INSTRUCTION = (
     "Complete the following Python function. Return the whole function in a ```python code block."
 )
 
-# a fenced block tagged python (or untagged): ```python\n ... ```
-_CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# a fenced block and its language tag: ```python\n ... ``` (every fence pairs, whatever its tag)
+_FENCED = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.DOTALL)
+_PYTHON_TAGS = ("python", "python3", "py", "")
 _IMPORT_LINE = re.compile(r"^(?:import\s|from\s+(?!__future__)\S+\s+import\s)")
 
 
@@ -61,7 +62,7 @@ def code_prompt(function_prompt: str) -> str:
 
 def extract_code(response: str) -> str:
     """The last ```python (or untagged) fenced block of `response`; the whole response if none."""
-    blocks = _CODE_BLOCK.findall(response)
+    blocks = [body for tag, body in _FENCED.findall(response) if tag.lower() in _PYTHON_TAGS]
     return blocks[-1] if blocks else response
 
 

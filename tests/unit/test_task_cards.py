@@ -156,6 +156,7 @@ def test_extract_code_takes_the_last_python_block_or_the_whole_response():
                 "```python\ndef f():\n    return 2\n```")
     assert extract_code(response) == "def f():\n    return 2\n"
     assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```python\ny = 2\n```\nrun:\n```bash\npython y.py\n```") == "y = 2\n"
     assert extract_code("def f():\n    return 3") == "def f():\n    return 3"
 
 
