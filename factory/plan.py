@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omegaconf import OmegaConf
+
+from factory.config import TaskConfig
 from factory.errors import ConfigError
 from factory.pipeline import Stage
 from factory.stages.evaluate import eval_stage
@@ -22,6 +25,15 @@ class Plan:
     models: dict[str, tuple[str, object]] = field(default_factory=dict)
 
 
+def corpus_task(cfg):
+    """The task whose corpus pretrains the tiny world's base models: the run's task when it has
+    a corpus (arith), else the default arith card (a tiny student pointed at MATH-500 is still
+    the tiny world's base model)."""
+    if cfg.task.kind == "arith":
+        return cfg.task
+    return OmegaConf.structured(TaskConfig(name="arith", kind="arith"))
+
+
 def teacher_group(cfg, plan: Plan) -> None:
     card, boot = cfg.teacher, cfg.teacher.bootstrap
     if not boot.enabled:
@@ -30,11 +42,11 @@ def teacher_group(cfg, plan: Plan) -> None:
         return
     pre = cfg.pipeline.pretrain
     plan.stages.append(pretrain_stage(
-        "teacher/pretrain", card, cfg.task, steps=boot.pretrain_steps, batch_size=boot.batch_size,
+        "teacher/pretrain", card, corpus_task(cfg), steps=boot.pretrain_steps, batch_size=boot.batch_size,
         lr=boot.lr, warmup_ratio=pre.warmup_ratio, block_len=pre.max_len,
         corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="teacher"))
     plan.stages.append(sft_stage(
-        "teacher/sft", card, cfg.task, "teacher/pretrain", steps=boot.sft_steps,
+        "teacher/sft", card, corpus_task(cfg), "teacher/pretrain", steps=boot.sft_steps,
         batch_size=boot.batch_size, lr=boot.lr, warmup_ratio=pre.warmup_ratio,
         n_examples=boot.sft_examples, max_len=cfg.pipeline.sft.max_len, seed=cfg.seed, cfg=cfg,
         arm="teacher"))
@@ -48,7 +60,7 @@ def base_student_group(cfg, plan: Plan) -> None:
     else:
         pre = cfg.pipeline.pretrain
         plan.stages.append(pretrain_stage(
-            "student/base", card, cfg.task, steps=pre.steps, batch_size=pre.batch_size,
+            "student/base", card, corpus_task(cfg), steps=pre.steps, batch_size=pre.batch_size,
             lr=pre.lr, warmup_ratio=pre.warmup_ratio, block_len=pre.max_len,
             corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="base"))
     plan.models["base"] = ("student/base", card)

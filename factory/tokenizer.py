@@ -8,13 +8,13 @@ template that renders plain chats exactly as Qwen3's does. Students and teachers
 use it through the same `transformers` API as a real Qwen3 tokenizer, so no code path knows which
 one it holds.
 
-Vocabulary (101 ids, within the tiny cards' vocab_size 128):
+Vocabulary (102 ids, within the tiny cards' vocab_size 128):
 
     0 <|endoftext|> (pad)   1 <|im_start|>   2 <|im_end|> (eos)   3 <think>   4 </think>
-    5..99  the printable ASCII characters 0x20..0x7E in order   100 "\\n"
+    5..99  the printable ASCII characters 0x20..0x7E in order   100 "\\n"   101 <unk>
 
-Any other character (a tab, non-ASCII text) cannot be encoded: the model has no unknown token, so
-the `tokenizers` library raises ("Missing [UNK] token"). Every text of the tiny world is ASCII.
+Any other character (a tab, non-ASCII text in a real benchmark's prompt) becomes <unk>, so the
+tiny model can be pointed at MATH-500 or HumanEval; every text of the tiny world itself is ASCII.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ THINK_CLOSE = "</think>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
 THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)
 CHARACTERS = tuple(chr(c) for c in range(0x20, 0x7F)) + ("\n",)
-TINY_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(THINK_TOKENS) + len(CHARACTERS)  # 101
+UNK_TOKEN = "<unk>"  # any other character (a tab, non-ASCII text in a real benchmark's prompt)
+TINY_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(THINK_TOKENS) + len(CHARACTERS) + 1  # 102
 
 # Qwen3's chat template (Qwen/Qwen3-8B tokenizer_config.json) restricted to plain chats: the same
 # rules, without the tool-calling branches, which the tiny world never uses and which this
@@ -102,20 +103,23 @@ CHAT_TEMPLATE = """\
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A fresh character-level tokenizer with Qwen3's special tokens and chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + THINK_TOKENS + CHARACTERS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + THINK_TOKENS + CHARACTERS
+                                            + (UNK_TOKEN,))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # every character is its own word; added tokens (<|im_start|>, <think>, ...) are matched
     # before pre-tokenization, so they stay single ids
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate, no separator: decode(encode(s)) == s
     # already in the vocabulary, so they keep their ids 0..4
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in SPECIAL_TOKENS + (UNK_TOKEN,)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     assert tok.get_vocab_size() == TINY_VOCAB_SIZE
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
         # <|im_start|> is special (skipped by skip_special_tokens) as in Qwen3
         extra_special_tokens=[IM_START],
         chat_template=CHAT_TEMPLATE,

@@ -5,24 +5,26 @@
     python scripts/gpu_check.py --out /tmp/gpu_check.json        # CUDA only
     python scripts/gpu_check.py --allow-cpu --tiny --out /tmp/g.json   # CPU smoke, toy shapes
 
-Sections, in order; each has its own time budget, and one that fails or runs out of time does
-not stop the others (its error is recorded and printed):
+Sections, in this order (liger's Triton kernels last, so a kernel fault that poisons the CUDA
+context costs no other section's numbers); each has its own time budget, and one that fails or
+runs out of time does not stop the others (its error is recorded and printed):
 
   peak     the card's bf16 matmul rate (8192^3 products, median of 10 after 3 warm-ups): the MFU
            denominator, measured rather than the datasheet's 989 TFLOP/s
-  liger    liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
-           patched into a Qwen3-0.6B-shaped student (random weights) against the unpatched model:
-           logits in fp32 (tight) and bf16 (against HF's own bf16 error), and the training loss
-           and every parameter's gradient through liger's fused linear cross-entropy (fp32)
   losses   factory.losses on the device, bf16 and fp32 inputs against an fp64 reference on the
            same (bf16-representable) values: value and gradients for `divergence` and
            `sparse_divergence` (every kind), `fused_sparse_divergence` (every kind; also against
            the plain path in the same dtype) and `fused_dense_jsd` (liger's chunked JSD)
-  step     one off-policy distillation step at Qwen3-0.6B shape (bf16 weights, 4 x 1024 tokens,
-           top-64 cached teacher, forward + backward + clip + AdamW): tokens/s, MFU, peak memory,
-           for {plain logits + sparse_divergence, fused_sparse_divergence} x {HF, liger kernels}
   sampler  factory.sampling.sample vs HF `generate` at batch 64 (8 prompts x 8 samples, 128-token
            prompts, 256 new tokens, no stop), tokens/s
+  step     one off-policy distillation step at Qwen3-0.6B shape (bf16 weights, 4 x 1024 tokens,
+           top-64 cached teacher, forward + backward + clip + AdamW): tokens/s, MFU, peak memory,
+           for {plain logits + sparse_divergence, fused_sparse_divergence} x {HF, liger kernels},
+           and the fused and plain paths' loss and gradients at the same weights
+  liger    liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
+           patched into a Qwen3-0.6B-shaped student (random weights) against the unpatched model:
+           logits in fp32 (tight) and bf16 (against HF's own bf16 error), and the training loss
+           and every parameter's gradient through liger's fused linear cross-entropy (fp32)
 
 On CPU (--allow-cpu) liger's Triton kernels are not applied (Triton needs a GPU); the liger
 section then checks only the patch machinery (liger's forward with the HF layers). Writes --out
@@ -809,12 +811,14 @@ def section_sampler(ctx: Ctx, clock: Clock) -> dict:
     return res
 
 
+# Triton's kernels come last (the step's liger half, then the liger section): a kernel fault
+# that poisons the CUDA context then costs no other section's numbers.
 SECTIONS: dict[str, Callable[[Ctx, Clock], dict]] = {
     "peak": section_peak,
-    "liger": section_liger,
     "losses": section_losses,
-    "step": section_step,
     "sampler": section_sampler,
+    "step": section_step,
+    "liger": section_liger,
 }
 
 

@@ -42,7 +42,7 @@ def user(content: str) -> dict:
 
 
 def test_vocabulary_layout(tok):
-    assert len(tok) == 101 <= 128  # the tiny cards' vocab_size
+    assert len(tok) == 102 <= 128  # the tiny cards' vocab_size
     fixed = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     assert tok.convert_tokens_to_ids(fixed) == [0, 1, 2, 3, 4]
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
@@ -66,7 +66,7 @@ def test_save_and_load(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.chat_template == tok.chat_template
-    assert (loaded.pad_token_id, loaded.eos_token_id, len(loaded)) == (0, 2, 101)
+    assert (loaded.pad_token_id, loaded.eos_token_id, len(loaded)) == (0, 2, 102)
     convo = [user("Compute 2*3. /think"), assistant_message("2*3=6", "6", thinking=True)]
     for thinking in (True, False):
         assert prompt_ids(loaded, convo[:1], thinking) == prompt_ids(tok, convo[:1], thinking)
@@ -79,7 +79,7 @@ def test_save_and_load(tok, tmp_path):
 def test_load_tokenizer(tmp_path):
     assert load_tokenizer("tiny") is load_tokenizer("tiny")
     build_tiny_tokenizer().save_pretrained(tmp_path)
-    assert len(load_tokenizer(str(tmp_path))) == 101
+    assert len(load_tokenizer(str(tmp_path))) == 102
     with pytest.raises(CardError, match="no tokenizer at that path"):
         load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(CardError, match="hf download"):
