@@ -62,7 +62,8 @@ def base_student_group(cfg, plan: Plan) -> None:
         plan.stages.append(pretrain_stage(
             "student/base", card, corpus_task(cfg), steps=pre.steps, batch_size=pre.batch_size,
             lr=pre.lr, warmup_ratio=pre.warmup_ratio, block_len=pre.max_len,
-            corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="base"))
+            corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="base",
+            grad_accum=pre.grad_accum))
     plan.models["base"] = ("student/base", card)
 
 

@@ -37,11 +37,12 @@ def source_stage(name: str, card, arm: str) -> Stage:
 
 def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr: float,
                    warmup_ratio: float, block_len: int, corpus_size: int, seed: int, cfg,
-                   arm: str) -> Stage:
+                   arm: str, grad_accum: int = 1) -> Stage:
     """Causal-LM pretraining from random weights on the task's corpus."""
     inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
               "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
-              "block_len": block_len, "corpus_size": corpus_size, "seed": seed}
+              "block_len": block_len, "corpus_size": corpus_size, "seed": seed,
+              "grad_accum": grad_accum}
 
     def build(ctx: StageContext) -> StageCost:
         import torch
@@ -50,11 +51,12 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
         task = build_task(task_cfg)
         docs = [tokenizer.encode(d, add_special_tokens=False)
                 for d in task.corpus(corpus_size, seed=seed)]
-        data = PretrainData(pack_blocks(docs, tokenizer.eos_token_id, block_len), batch_size, seed)
+        data = PretrainData(pack_blocks(docs, tokenizer.eos_token_id, block_len), batch_size, seed,
+                            grad_accum)
         torch.manual_seed(seed)
         model = build_model(card, init="scratch")
         result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
-                       warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
+                       warmup_ratio=warmup_ratio, grad_accum=grad_accum, trainer_cfg=cfg.trainer,
                        work_dir=ctx.work, metrics=ctx.metrics)
         save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]

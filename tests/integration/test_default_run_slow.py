@@ -1,0 +1,37 @@
+"""The full default run, exactly as the README's quick start writes it (slow: minutes).
+
+Checks the floors issue 2 sets for the tiny world: the bootstrapped teacher reaches thinking-mode
+Pass@1 >= 0.8 and Pass@64 >= 0.95 on 200 held-out problems, the base student sits well below it,
+and the guessing baseline is near zero. Then a rerun reuses every artifact."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_run_meets_the_tiny_world_floors(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "factory.run", f"artifacts_dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    teacher = summary["models"]["teacher"]["think"]
+    assert teacher["n_problems"] == 200 and teacher["n_samples"] == 64
+    assert teacher["pass@1"] >= 0.8
+    assert teacher["pass@k"]["64"] >= 0.95
+    assert summary["models"]["base"]["think"]["pass@1"] < teacher["pass@1"]
+    assert summary["guess_baseline"]["64"] < 0.1
+
+    args[-1] = f"hydra.run.dir={tmp_path / 'rerun'}"
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ledger = json.loads((tmp_path / "rerun" / "ledger.json").read_text())
+    assert all(stage["reused"] for stage in ledger["stages"])
