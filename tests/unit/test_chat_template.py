@@ -46,7 +46,8 @@ def test_vocabulary_layout(tok):
     fixed = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     assert tok.convert_tokens_to_ids(fixed) == [0, 1, 2, 3, 4]
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
-    assert sorted(tok.all_special_ids) == [0, 1, 2]
+    assert sorted(tok.all_special_ids) == [0, 1, 2, 101]  # 101: <unk>, for text outside the world
+    assert encode(tok, "a\tb") == [70, 101, 71]
     # <think> and </think> are not special: they survive skip_special_tokens, as in Qwen3
     ids = [1] + encode(tok, "a<think>b</think>c") + [2, 0]
     assert tok.decode(ids, skip_special_tokens=True) == "a<think>b</think>c"
