@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh                      # there: wheels, gpu tests, scripts/gpu_check.py
 #   PY=.venv/bin/python OUT=/tmp/gc bash scripts/gpu_check.sh --allow-cpu --tiny   # CPU smoke here
 #
-# 1. installs the carried pure-Python wheels (.whl/: liger-kernel, hydra-core, omegaconf, antlr4;
+# 1. installs the carried pure-Python wheels (.whl/, made by scripts/gpu_wheels.sh: liger-kernel, hydra-core, omegaconf, antlr4;
 #    the GPU image lacks them) into $SITE and puts $SITE and the repo root on PYTHONPATH (the
 #    project is not pip-installed there);
 # 2. runs the gpu test tier: python -m pytest -m gpu -q tests/gpu;
