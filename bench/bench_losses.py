@@ -1,9 +1,10 @@
 """Peak memory and forward+backward time of the sparse-teacher loss: fused vs plain (and liger).
 
     python bench/bench_losses.py [--tokens 4096 --vocab 151936 --hidden 1024 --k 64
-                                  --chunk-sizes 1024,256 --reps 3 --no-liger --no-doc]
+                                  --chunk-sizes 1024,256 --rounds 3 --reps 1 --no-liger --no-doc
+                                  --device cpu|cuda --dtype fp32|bf16]
 
-Variants (each in a fresh subprocess, so one variant's peak cannot hide in another's):
+Variants (each run in a fresh subprocess, so one variant's peak cannot hide in another's):
   plain        ``sparse_divergence(hidden @ W.T, ids, logprobs)``: holds the [N, V] logits
   fused@C      ``fused_sparse_divergence(hidden, W, ids, logprobs, chunk_size=C)``
   liger-jsd    ``fused_dense_jsd`` (liger-kernel's LigerFusedLinearJSDLoss) with an in-process
@@ -17,10 +18,17 @@ Memory: torch's CPU allocator hands large blocks straight to the OS (glibc mmap)
 process's resident set tracks live tensors; tracemalloc does not see them at all. Each child
 builds its inputs, runs a tiny warm-up (library initialisation), records VmRSS as the baseline,
 resets the kernel's high-water mark (write "5" to /proc/self/clear_refs; falls back to
-ru_maxrss, which then includes the set-up), runs one forward+backward and reads VmHWM.
+ru_maxrss, which then includes the set-up), runs one forward+backward and reads VmHWM. On
+CUDA the same protocol uses torch.cuda.memory_allocated / max_memory_allocated (exact per
+allocation, the caching allocator's reserve not counted).
 "Working" = peak - baseline: everything the loss and its backward allocate, including the
-[V, H] weight gradient every variant returns. Time: median of --reps forward+backward passes
-(the first is also the memory run).
+[V, H] weight gradient every variant returns.
+
+Time: median forward+backward wall time over --rounds x --reps. Each round runs every variant
+once, in turn, each in its own subprocess, so a change in the load of a shared machine falls on
+all variants alike rather than on whichever ran during it (defaults on CPU: 3 rounds of 1 rep).
+On CUDA (defaults: 1 round of 10 reps) each child first runs one full-size forward+backward as a
+warm-up (cuBLAS handles, Triton and torch.compile), outside the measurement.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -66,21 +75,21 @@ def _reset_peak() -> bool:
         return False
 
 
-def _inputs(tokens: int, vocab: int, hidden: int, k: int, dtype: torch.dtype, seed: int = 0):
+def _inputs(tokens: int, vocab: int, hidden: int, k: int, dtype: torch.dtype, device="cpu"):
     """Student hidden states and head, and a top-k cache whose k ids carry 90% of the mass."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden_nh = torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_()
-    weight_vh = (torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    hidden_nh = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    weight_vh = (torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)).to(device, dtype)
     weight_vh.requires_grad_()
     # distinct ids per row without an [N, V] temporary: a random offset plus a fixed stride
     stride = vocab // k
     ids_nk = (torch.randint(vocab, (tokens, 1), generator=gen) + torch.arange(k) * stride) % vocab
-    logprobs_nk = (torch.randn(tokens, k, generator=gen) * 2).log_softmax(-1) + torch.tensor(0.9).log()
+    logprobs_nk = (torch.randn(tokens, k, generator=gen) * 2).log_softmax(-1) + math.log(0.9)
     logprobs_nk = logprobs_nk.sort(-1, descending=True).values
-    return hidden_nh, weight_vh, ids_nk, logprobs_nk
+    return hidden_nh, weight_vh, ids_nk.to(device), logprobs_nk.to(device)
 
 
-def _loss_fn(variant: str, hidden_nh, weight_vh, ids_nk, logprobs_nk, teacher, liger_chunk=256):
+def _loss_fn(variant, hidden_nh, weight_vh, ids_nk, logprobs_nk, teacher, liger_chunk, compiled):
     if variant == "plain":
         return lambda: sparse_divergence(hidden_nh @ weight_vh.T, ids_nk, logprobs_nk, kind="fkl")
     if variant.startswith("fused@"):
@@ -91,42 +100,68 @@ def _loss_fn(variant: str, hidden_nh, weight_vh, ids_nk, logprobs_nk, teacher, l
     if variant == "liger-jsd":
         teacher_nh, teacher_vh = teacher
         return lambda: fused_dense_jsd(
-            hidden_nh, weight_vh, teacher_nh, teacher_vh, beta=0.5, chunk_size=liger_chunk
+            hidden_nh, weight_vh, teacher_nh, teacher_vh, beta=0.5, chunk_size=liger_chunk,
+            compiled=compiled,
         )
     raise ValueError(f"unknown variant {variant}")
 
 
 def run_child(variant: str, args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cuda = args.device == "cuda"
+    compiled = cuda  # liger's own recommendation on GPU; on CPU torch.compile needs a toolchain
 
     def build(tokens, vocab, hidden, k):
-        tensors = _inputs(tokens, vocab, hidden, k, dtype)
+        tensors = _inputs(tokens, vocab, hidden, k, dtype, args.device)
         teacher = None
         if variant == "liger-jsd":
             gen = torch.Generator().manual_seed(1)
             teacher = (
-                torch.randn(tokens, hidden, generator=gen).to(dtype),
-                (torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)).to(dtype),
+                torch.randn(tokens, hidden, generator=gen).to(args.device, dtype),
+                (torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)).to(
+                    args.device, dtype
+                ),
             )
-        return tensors, _loss_fn(variant, *tensors, teacher, args.liger_chunk_size)
+        return tensors, _loss_fn(variant, *tensors, teacher, args.liger_chunk_size, compiled)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     # warm-up at a tiny size: imports, thread pools, kernel dispatch
     _, warm = build(64, 1024, 64, min(args.k, 16))
     warm().backward()
     (hidden_nh, weight_vh, _, _), loss_fn = build(args.tokens, args.vocab, args.hidden, args.k)
     del warm
+    if cuda:  # and at full size on GPU, where first calls compile and autotune
+        loss_fn().backward()
+        hidden_nh.grad = weight_vh.grad = None
     gc.collect()
-    baseline_kib = _status_kib("VmRSS")
-    exact_peak = _reset_peak()
+    sync()
+    if cuda:
+        torch.cuda.empty_cache()
+        baseline_kib = torch.cuda.memory_allocated() / 1024
+        torch.cuda.reset_peak_memory_stats()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        baseline_kib = _status_kib("VmRSS")
+        method = "VmHWM after clear_refs" if _reset_peak() else "ru_maxrss (includes set-up)"
     times, peak_kib, loss_value = [], None, None
     for rep in range(args.reps):
         hidden_nh.grad = weight_vh.grad = None
+        sync()
         start = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        sync()
         times.append(time.perf_counter() - start)
         if rep == 0:
-            peak_kib = _status_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if cuda:
+                peak_kib = torch.cuda.max_memory_allocated() / 1024
+            elif method.startswith("VmHWM"):
+                peak_kib = _status_kib("VmHWM")
+            else:
+                peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             loss_value = loss.item()
         del loss
     return {
@@ -137,11 +172,11 @@ def run_child(variant: str, args) -> dict:
         "times_s": times,
         "median_s": statistics.median(times),
         "loss": loss_value,
-        "memory_method": "VmHWM after clear_refs" if exact_peak else "ru_maxrss (includes set-up)",
+        "memory_method": method,
     }
 
 
-def _machine() -> dict:
+def _machine(device: str) -> dict:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -162,22 +197,31 @@ def _machine() -> dict:
         "liger": liger,
         "python": platform.python_version(),
         "load": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
     }
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One variant's rounds: its largest working memory, the median of all its timings."""
+    worst = max(runs, key=lambda r: r["working_mib"])
+    times = [t for r in runs for t in r["times_s"]]
+    return {**worst, "times_s": times, "median_s": statistics.median(times)}
 
 
 def _table(results: list[dict], plain: dict | None) -> str:
     lines = [
-        "| variant | peak RSS (MiB) | working = peak - inputs (MiB) | vs plain | fwd+bwd median (s) "
-        "| vs plain | all reps (s) | loss |",
+        "| variant | peak (MiB) | working = peak - inputs (MiB) | vs plain | fwd+bwd median (s) "
+        "| vs plain | all timings (s) | loss |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
         mem_ratio = f"{r['working_mib'] / plain['working_mib']:.3f}" if plain else "-"
         time_ratio = f"{r['median_s'] / plain['median_s']:.2f}x" if plain else "-"
-        reps = ", ".join(f"{t:.1f}" for t in r["times_s"])
+        digits = 1 if r["median_s"] >= 1 else 4
+        reps = ", ".join(f"{t:.{digits}f}" for t in r["times_s"])
         lines.append(
             f"| {r['variant']} | {r['peak_mib']:.0f} | {r['working_mib']:.0f} | {mem_ratio} "
-            f"| {r['median_s']:.1f} | {time_ratio} | {reps} | {r['loss']:.5f} |"
+            f"| {r['median_s']:.{digits}f} | {time_ratio} | {reps} | {r['loss']:.5f} |"
         )
     return "\n".join(lines)
 
@@ -235,8 +279,10 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--chunk-sizes", default="1024,256", help="fused variants, comma-separated")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="default: 3 on CPU, 1 on CUDA")
+    parser.add_argument("--reps", type=int, help="timed reps per child; default: 1 CPU, 10 CUDA")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--no-liger", action="store_true", help="skip the liger fused JSD variant")
     parser.add_argument(
         "--liger-chunk-size",
@@ -248,6 +294,9 @@ def main(argv=None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    cuda = args.device == "cuda"
+    args.rounds = args.rounds or (1 if cuda else 3)
+    args.reps = args.reps or (10 if cuda else 1)
     if args.child:
         print(json.dumps(run_child(args.child, args)))
         return
@@ -255,51 +304,64 @@ def main(argv=None) -> None:
     variants = ["plain"] + [f"fused@{c}" for c in args.chunk_sizes.split(",") if c]
     if not args.no_liger:
         variants.append("liger-jsd")
-    machine = _machine()
+    machine = _machine(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
     command = "python bench/bench_losses.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
     print(f"# {command.strip()}\n# {json.dumps(machine)}", flush=True)
-    results = []
     child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--no-doc",)]
-    for variant in variants:
-        proc = subprocess.run(
-            [sys.executable, __file__, *child_args, "--child", variant],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if proc.returncode != 0:
-            print(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(json.dumps(result), flush=True)
+    child_args += ["--reps", str(args.reps)]
+    runs = {v: [] for v in variants}
+    failures = {}
+    for _ in range(args.rounds):
+        for variant in variants:
+            if variant in failures:
+                continue
+            proc = subprocess.run(
+                [sys.executable, __file__, *child_args, "--child", variant],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            if proc.returncode != 0:
+                print(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                failures[variant] = proc.stderr.strip().splitlines()[-1][:300]
+                continue
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[variant][-1]), flush=True)
+    results = [_merge(rs) for rs in runs.values() if rs]
 
     plain = next((r for r in results if r["variant"] == "plain"), None)
     bytes_per = 4 if args.dtype == "fp32" else 2
     grad_weight_mib = args.vocab * args.hidden * bytes_per / MIB
     logits_mib = args.tokens * args.vocab * 4 / MIB
+    if args.device == "cuda":
+        where = f"{machine['gpu']} (CUDA), host {machine['nproc']} CPUs ({machine['cpu']}), torch"
+        load = "; memory from the CUDA allocator, times after torch.cuda.synchronize"
+    else:
+        where = f"{machine['nproc']} CPUs ({machine['cpu']}), torch"
+        load = (f"; load average at start {machine['load'][0]:.1f} (shared machine: timings are "
+                "noisy)")
     table = _table(results, plain)
     verdicts = _verdicts(results, plain, grad_weight_mib)
     block = "\n".join(
         [
             f"### {started:%Y-%m-%d %H:%M} UTC: {args.tokens} tokens x vocab {args.vocab}, "
-            f"hidden {args.hidden}, k {args.k}, {args.dtype}",
+            f"hidden {args.hidden}, k {args.k}, {args.dtype}, {args.device}",
             "",
             f"- command: `{command.strip()}`",
-            f"- machine: {machine['nproc']} CPUs ({machine['cpu']}), torch "
-            f"{machine['torch']} ({machine['torch_threads']} threads), liger-kernel "
-            f"{machine['liger']}, Python {machine['python']}; load average at start "
-            f"{machine['load'][0]:.1f} (shared machine: timings are noisy)",
+            f"- machine: {where} {machine['torch']} ({machine['torch_threads']} threads), "
+            f"liger-kernel {machine['liger']}, Python {machine['python']}{load}",
             f"- sizes: one fp32 [N, V] logits tensor is {logits_mib:.0f} MiB; the [V, H] weight "
             f"gradient every variant returns is {grad_weight_mib:.0f} MiB",
-            f"- memory method: {results[0]['memory_method'] if results else '-'}",
+            f"- memory method: {results[0]['memory_method'] if results else '-'} (largest of "
+            f"{args.rounds} round(s)); time: median of {args.rounds} round(s) x {args.reps} rep(s)",
             "",
             table,
             "",
             *verdicts,
+            *(f"- {v} failed: `{msg}`" for v, msg in failures.items()),
         ]
     )
     print("\n" + block)

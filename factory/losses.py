@@ -116,7 +116,7 @@ def _denominator(mask_n: torch.Tensor, num_tokens, reduction: str):
 
 
 def _reduce(per_token_n, mask_n, lead_shape, reduction: str, num_tokens):
-    """Zero masked tokens (where, so a NaN at a padded position cannot leak), then reduce."""
+    """Zero masked tokens, then reduce. `where` rather than `* mask`: 0 * inf is NaN."""
     per_token_n = torch.where(mask_n, per_token_n, torch.zeros_like(per_token_n))
     if reduction == "none":
         if num_tokens is not None:
@@ -245,23 +245,25 @@ def _logsumexp_rows_(x_nv: torch.Tensor, scratch_bv: torch.Tensor) -> torch.Tens
     return out_n
 
 
-def _mask_ids_and_lse_(z_nv: torch.Tensor, ids_nk: torch.Tensor, scratch_bv: torch.Tensor):
+def _mask_ids_and_lse_(z_nv, ids_nk, valid_nk, scratch_bv):
     """Coarsening statistics of logits rows; overwrites the id columns of ``z_nv`` with -inf.
 
     Returns ``zs_nk`` (the logits at the ids), ``lse_n`` (logsumexp over the vocabulary) and
     ``lse_c_n`` (logsumexp over the complement of the ids, -inf when it is empty). The student's
     coarsened log-probs are then ``zs - lse`` and ``lse_c - lse``. ``ids_nk`` must be valid indices
     (padding slots already redirected to a real id of the same row, see ``_safe_ids``).
+    One vocabulary-wide pass: the full logsumexp combines the complement's with the ids' (a sum
+    of positive parts, so exact; no 1 - sum cancellation).
     """
-    lse_n = _logsumexp_rows_(z_nv, scratch_bv)
     zs_nk = z_nv.gather(-1, ids_nk)
     z_nv.scatter_(-1, ids_nk, float("-inf"))
     lse_c_n = _logsumexp_rows_(z_nv, scratch_bv)
-    return zs_nk, lse_n, lse_c_n
+    lse_s_n = torch.where(valid_nk, zs_nk, float("-inf")).logsumexp(-1)
+    return zs_nk, torch.logaddexp(lse_c_n, lse_s_n), lse_c_n
 
 
 def _coarsen_grad_(zm_nv, ids_nk, zs_nk, lse_n, lse_c_n, g_zs_nk, g_lse_n, g_lse_c_n, valid_nk):
-    """Turn ``zm_nv`` (logits with -inf at the ids, from ``_mask_ids_and_lse_``) into dL/dz in place.
+    """Turn ``zm_nv`` (logits, -inf at the ids, from ``_mask_ids_and_lse_``) into dL/dz in place.
 
     For v outside the ids:  dL/dz_v = g_lse exp(z_v - lse) + g_lse_c exp(z_v - lse_c)
                                     = exp(z_v - lse_c) (g_lse exp(lse_c - lse) + g_lse_c)
@@ -304,7 +306,7 @@ class _CoarsenStudent(torch.autograd.Function):
             rows = slice(start, start + block)
             z_bv = work_bv[: min(block, n - start)].copy_(logits_nv[rows])
             zs_nk[rows], lse_n[rows], lse_c_n[rows] = _mask_ids_and_lse_(
-                z_bv, ids_nk[rows], scratch_bv
+                z_bv, ids_nk[rows], valid_nk[rows], scratch_bv
             )
         ctx.save_for_backward(logits_nv, ids_nk, valid_nk, zs_nk, lse_n, lse_c_n)
         return zs_nk, lse_n, lse_c_n
@@ -327,13 +329,12 @@ class _CoarsenStudent(torch.autograd.Function):
         return grad_nv.to(logits_nv.dtype), None, None
 
 
-def _safe_ids(ids_nk: torch.Tensor):
-    """Padding slots (id < 0) -> the id of the row's first real slot, so scatter/gather stay in
-    range and masking an id twice is harmless. Returns (safe ids [n, k] int64, valid [n, k])."""
-    valid_nk = ids_nk >= 0
+def _safe_ids(ids_nk: torch.Tensor, valid_nk: torch.Tensor) -> torch.Tensor:
+    """Empty slots -> the id of the row's first real slot, so scatter/gather stay in range and
+    masking an id twice is harmless. Returns safe ids [n, k] int64."""
     first_n1 = valid_nk.to(torch.int8).argmax(-1, keepdim=True)  # first True (0 if none)
     slot_nk = torch.where(valid_nk, torch.arange(ids_nk.shape[-1], device=ids_nk.device), first_n1)
-    return ids_nk.gather(-1, slot_nk).clamp_min(0).long(), valid_nk
+    return ids_nk.gather(-1, slot_nk).clamp_min(0).long()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +376,7 @@ def _coarsened_rows(zs_nk, lse_n, lse_c_n, teacher_nk1, valid_nk, kind, temperat
     return per_token_n * temperature**2
 
 
-def _sparse_inputs(teacher_ids, teacher_logprobs, teacher_tail_logprob, lead_shape, k_check=True):
+def _sparse_inputs(teacher_ids, teacher_logprobs, teacher_tail_logprob, lead_shape):
     if teacher_ids.shape[:-1] != lead_shape or teacher_logprobs.shape != teacher_ids.shape:
         raise ValueError(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
@@ -386,9 +387,11 @@ def _sparse_inputs(teacher_ids, teacher_logprobs, teacher_tail_logprob, lead_sha
             f"teacher_tail_logprob {tuple(teacher_tail_logprob.shape)} must be {tuple(lead_shape)}"
         )
     k = teacher_ids.shape[-1]
-    ids_nk, valid_nk = _safe_ids(teacher_ids.reshape(-1, k))
+    ids_nk, logp_nk = teacher_ids.reshape(-1, k), teacher_logprobs.reshape(-1, k)
+    # a slot with a -inf log-prob (a teacher-masked token) carries no mass: same as an empty one
+    valid_nk = (ids_nk >= 0) & (logp_nk > float("-inf"))
     tail_n = None if teacher_tail_logprob is None else teacher_tail_logprob.reshape(-1)
-    return ids_nk, valid_nk, teacher_logprobs.reshape(-1, k), tail_n
+    return _safe_ids(ids_nk, valid_nk), valid_nk, logp_nk, tail_n
 
 
 def sparse_divergence(
@@ -426,7 +429,8 @@ def sparse_divergence(
         to ``>= log(TEACHER_TAIL_FLOOR)`` because a rounded-to-zero tail would make rkl infinite;
         the k + 1 teacher probabilities are then renormalised (a no-op unless the floor or
         rounding acted). Pass ``teacher_tail_logprob`` when the cache stores it.
-      * Padding: ids < 0 are empty slots (variable k per row); their log-probs are ignored. A row
+      * Padding: ids < 0 are empty slots (variable k per row); their log-probs are ignored, and a
+        slot whose log-prob is -inf is treated as empty too (no mass either way). A row
         with no real slot has the single outcome "everything" and contributes 0 (it still counts
         in the "mean" denominator when unmasked). Real ids within a row must be distinct (top-k
         ids are); duplicates would count a token's mass twice.
@@ -504,7 +508,8 @@ def sampled_forward_kl(
     k = sampled_ids.shape[-1]
     ids_nk = sampled_ids.reshape(-1, k)
     valid_nk = ids_nk >= 0
-    z_nv = _scaled(student_logits.reshape(-1, vocab), _compute_dtype(student_logits.dtype), temperature)
+    cdtype = _compute_dtype(student_logits.dtype)
+    z_nv = _scaled(student_logits.reshape(-1, vocab), cdtype, temperature)
     logq_nk = z_nv.gather(-1, ids_nk.clamp_min(0).long()) - z_nv.logsumexp(-1, keepdim=True)
     terms_nk = -logq_nk
     if teacher_logprobs is not None:
@@ -542,7 +547,9 @@ class _FusedSparseDivergence(torch.autograd.Function):
         # One logits buffer for every chunk: a fresh [chunk, V] tensor per chunk costs page faults
         # on CPU and allocator churn on GPU. mm writes straight into it when dtypes agree.
         z_cv = torch.empty(chunk, vocab, dtype=cdtype, device=hidden_nh.device)
-        low_cv = None if weight_vh.dtype == cdtype else torch.empty_like(z_cv, dtype=weight_vh.dtype)
+        low_cv = None  # bf16/fp16 weights: the matmul's own-dtype output, cast into z_cv
+        if weight_vh.dtype != cdtype:
+            low_cv = torch.empty_like(z_cv, dtype=weight_vh.dtype)
         scratch_bv = _scratch(chunk, vocab, cdtype, hidden_nh.device)
         for start in range(0, n_rows, chunk):
             r_c = rows_r[start : start + chunk]
@@ -554,7 +561,7 @@ class _FusedSparseDivergence(torch.autograd.Function):
                 torch.mm(h_ch, weight_vh.t(), out=z)
             else:
                 z.copy_(torch.mm(h_ch, weight_vh.t(), out=low_cv[:c]))  # bf16 logits, as plain
-            zs_ck, lse_c1, lse_cc = _mask_ids_and_lse_(z, ids_ck, scratch_bv)
+            zs_ck, lse_c1, lse_cc = _mask_ids_and_lse_(z, ids_ck, valid_ck, scratch_bv)
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (zs_ck, lse_c1, lse_cc)]
                 per_token_c = _coarsened_rows(
@@ -576,10 +583,11 @@ class _FusedSparseDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden_nh, grad_weight_vh = ctx.saved_tensors
-        if grad_hidden_nh is not None:
-            grad_hidden_nh = grad_hidden_nh * grad_loss.to(grad_hidden_nh.dtype)
-        if grad_weight_vh is not None:
-            grad_weight_vh = grad_weight_vh * grad_loss.to(grad_weight_vh.dtype)
+        # In place: `grad * grad_loss` would allocate a second [V, H] buffer, and that copy was
+        # the fused path's peak. The buffers are ours alone, and one backward is all we support.
+        for grad in (grad_hidden_nh, grad_weight_vh):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
         return (grad_hidden_nh, grad_weight_vh) + (None,) * 10
 
 
@@ -605,9 +613,9 @@ def fused_sparse_divergence(
     coarsened sides, T**2, padding slots, tail floor, normalisation, empty mask = 0). Only the
     unmasked tokens are computed, ``chunk_size`` at a time: each chunk's fp32 logits
     ``[chunk_size, V]`` live in one reused buffer, and its gradient is formed analytically in that
-    same buffer. Peak extra memory is therefore about ``chunk_size * V * 4`` bytes plus
-    ``grad_weight`` (``[V, H]`` in the weight's dtype, which the plain path also produces),
-    instead of several ``[N, V]`` tensors.
+    same buffer. Peak extra memory is therefore about ``chunk_size * V * 4`` bytes, a 64 MiB
+    scratch, and ``grad_weight`` (``[V, H]`` in the weight's dtype, which the plain path also
+    produces), instead of two ``[N, V]`` fp32 tensors (logits and their gradient).
 
     The logits ``hidden @ weight.T`` are computed in the inputs' dtype and then cast to fp32,
     exactly as the plain path does; ``grad_weight`` accumulates in the weight's dtype (as

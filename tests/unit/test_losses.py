@@ -97,7 +97,9 @@ def test_identical_inputs_give_zero(kind):
     # sparse: teacher cache taken from the same distribution, tail non-empty, any temperature
     logprobs_btk, ids_btk = logits_btv.log_softmax(-1).topk(4)
     for temperature in (1.0, 2.5):
-        got = sparse_divergence(logits_btv, ids_btk, logprobs_btk, kind=kind, temperature=temperature)
+        got = sparse_divergence(
+            logits_btv, ids_btk, logprobs_btk, kind=kind, temperature=temperature
+        )
         assert got.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -113,7 +115,8 @@ def test_unknown_kind_names_the_valid_ones():
     with pytest.raises(ValueError, match="fkl, rkl, jsd, skew_fkl, skew_rkl, tvd"):
         divergence(torch.zeros(1, 3), torch.zeros(1, 3), kind="kl")
     with pytest.raises(ValueError, match="valid kinds"):
-        sparse_divergence(torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), kind="x")
+        ids_11 = torch.zeros(1, 1, dtype=torch.long)
+        sparse_divergence(torch.zeros(1, 3), ids_11, torch.zeros(1, 1), kind="x")
 
 
 # ---------------------------------------------------------------------------------- masks
@@ -135,7 +138,9 @@ def test_empty_mask_gives_zero_and_finite_grads(kind):
     def logits_btv():  # a fresh graph per loss
         return hidden_bth @ weight_vh.T
 
-    _assert_zero_with_finite_grads(divergence(logits_btv(), teacher_btv, empty_bt, kind), hidden_bth)
+    _assert_zero_with_finite_grads(
+        divergence(logits_btv(), teacher_btv, empty_bt, kind), hidden_bth
+    )
     _assert_zero_with_finite_grads(
         sparse_divergence(logits_btv(), ids_btk, logprobs_btk, empty_bt, kind), hidden_bth
     )
@@ -149,7 +154,9 @@ def test_empty_mask_gives_zero_and_finite_grads(kind):
             sampled_forward_kl(logits_btv(), ids_btk, logprobs_btk, empty_bt), hidden_bth
         )
         _assert_zero_with_finite_grads(
-            fused_dense_jsd(hidden_bth, weight_vh, hidden_bth.detach(), weight_vh.detach(), empty_bt),
+            fused_dense_jsd(
+                hidden_bth, weight_vh, hidden_bth.detach(), weight_vh.detach(), empty_bt
+            ),
             hidden_bth,
             weight_vh,
         )
@@ -243,10 +250,17 @@ def test_sparse_padding_slots_equal_a_shorter_k():
     logprobs_btk, ids_btk = teacher_btv.log_softmax(-1).topk(6)
     padded_ids = torch.cat([ids_btk[..., :4], torch.full_like(ids_btk[..., :2], -1)], -1)
     padded_lp = torch.cat([logprobs_btk[..., :4], torch.full_like(logprobs_btk[..., :2], -7.0)], -1)
+    # a real id whose teacher log-prob is -inf (a token the teacher masked) holds no mass either
+    minus_inf = torch.full_like(logprobs_btk[..., :2], -math.inf)
+    minus_inf_lp = torch.cat([logprobs_btk[..., :4], minus_inf], -1)
     for kind in KINDS:
-        short = sparse_divergence(student_btv, ids_btk[..., :4], logprobs_btk[..., :4], mask_bt, kind)
+        short = sparse_divergence(
+            student_btv, ids_btk[..., :4], logprobs_btk[..., :4], mask_bt, kind
+        )
         padded = sparse_divergence(student_btv, padded_ids, padded_lp, mask_bt, kind)
         assert padded.item() == pytest.approx(short.item(), rel=1e-6)
+        masked = sparse_divergence(student_btv, ids_btk, minus_inf_lp, mask_bt, kind)
+        assert masked.item() == pytest.approx(short.item(), rel=1e-6)
 
 
 def test_sparse_tail_from_cache_equals_derived_tail():
@@ -318,7 +332,8 @@ def test_fused_global_token_count_sum_and_upstream_grad():
 
 
 def test_fused_bf16_follows_the_plain_path():
-    hidden_bth, weight_vh, _, ids_btk, logprobs_btk, mask_bt = _random_problem(9, dtype=torch.bfloat16)
+    problem = _random_problem(9, dtype=torch.bfloat16)
+    hidden_bth, weight_vh, _, ids_btk, logprobs_btk, mask_bt = problem
     weight_vh.requires_grad_()
     plain = sparse_divergence(hidden_bth @ weight_vh.T, ids_btk, logprobs_btk, mask_bt, "jsd")
     (g_plain,) = torch.autograd.grad(plain, weight_vh)
