@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import publish  # noqa: E402  bench/report.py (the script's folder is on sys.path)
 from teachers.cache import (  # noqa: E402
     CacheReader,
     CacheSpec,
@@ -258,13 +259,7 @@ def main() -> None:
         f"{logits_rate:,.0f} tokens/s.",
         "",
     ])
-    print(section)
-    if not args.no_append:
-        path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(("\n" if path.exists() and path.stat().st_size else "") + section)
-        print(f"appended to {path}")
+    publish(section, append=not args.no_append)
 
 
 if __name__ == "__main__":

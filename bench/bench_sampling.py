@@ -28,6 +28,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from factory.sampling import sample  # noqa: E402
+from report import publish  # bench/report.py (scripts run from bench/ on sys.path)
 
 EOS, PAD = 2, 0
 
@@ -166,13 +167,7 @@ def main() -> None:
         f"- Target >= 3x over the generate loop: {verdict}.",
         "",
     ])
-    print(section)
-    if not args.no_append:
-        path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(("\n" if path.exists() and path.stat().st_size else "") + section)
-        print(f"appended to {path}")
+    publish(section, append=not args.no_append)
 
 
 if __name__ == "__main__":
