@@ -91,7 +91,7 @@ def test_jsd_endpoints_are_exactly_the_two_kls():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_identical_inputs_give_zero(kind):
-    logits_btv = torch.randn(2, 5, 13) * 3
+    logits_btv = torch.randn(2, 5, 13, generator=torch.Generator().manual_seed(1)) * 3
     same = divergence(logits_btv, logits_btv.clone(), kind=kind, temperature=1.7)
     assert same.item() == pytest.approx(0.0, abs=1e-6)  # mixture kinds round at ~1e-8
     # sparse: teacher cache taken from the same distribution, tail non-empty, any temperature
@@ -100,7 +100,9 @@ def test_identical_inputs_give_zero(kind):
         got = sparse_divergence(
             logits_btv, ids_btk, logprobs_btk, kind=kind, temperature=temperature
         )
-        assert got.item() == pytest.approx(0.0, abs=1e-6)
+        # the two tails come by different fp32 routes (logsumexp of the complement vs
+        # log1p(-exp(lse(top-k)))): the KLs square that ~1e-7 difference away, tvd is linear in it
+        assert got.item() == pytest.approx(0.0, abs=1e-5 if kind == "tvd" else 1e-6)
 
 
 def test_temperature_scales_by_t_squared():
