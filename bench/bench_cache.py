@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report import publish  # noqa: E402  bench/report.py (the script's folder is on sys.path)
+from report import cpu_model, publish  # noqa: E402  bench/report.py (the script's folder is on sys.path)
 from teachers.cache import (  # noqa: E402
     CacheReader,
     CacheSpec,
@@ -52,16 +52,6 @@ DENSE_BF16 = 2 * VOCAB  # 303,872 bytes per token
 DISTILLKIT = (114, 344)
 ENCODINGS = [("plain", "plain", 8), ("compact", "compact", 8), ("compact 6-bit", "compact", 6)]
 TARGET_BYTES, TARGET_KL = 256, 1e-3
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_pools(ks, n: int, profile: str, seed: int):

@@ -28,7 +28,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from factory.sampling import sample  # noqa: E402
-from report import publish  # bench/report.py (scripts run from bench/ on sys.path)
+from report import cpu_model, publish  # bench/report.py (scripts run from bench/ on sys.path)
 
 EOS, PAD = 2, 0
 
@@ -92,16 +92,6 @@ def timed_interleaved(fns, reps):
             cpu[i].append(time.process_time() - c0)
     return [(statistics.median(w), statistics.median(c), tok)
             for w, c, tok in zip(wall, cpu, tokens)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
