@@ -103,14 +103,18 @@ def evaluate(
     seconds = time.perf_counter() - start
     texts = samples.texts(tokenizer)
 
-    per_problem, follow = [], 0
+    pairs = [(problems[r // n_samples], chat.split_response(text)[1])
+             for r, text in enumerate(texts)]
+    # a task that grades in parallel (code: sandboxed runs in a pool) gets every pair at once
+    grade_many = getattr(task, "grade_many", None)
+    verdicts = (grade_many(pairs) if grade_many is not None
+                else [task.grade(problem, answer) for problem, answer in pairs])
+    follow = sum(chat.follows_mode(text, mode) for text in texts)
+
+    per_problem = []
     for i, problem in enumerate(problems):
         rows = range(i * n_samples, (i + 1) * n_samples)
-        correct = 0
-        for r in rows:
-            _, answer = chat.split_response(texts[r])
-            correct += bool(task.grade(problem, answer))
-            follow += chat.follows_mode(texts[r], mode)
+        correct = sum(bool(verdicts[r]) for r in rows)
         per_problem.append({
             "id": problem.id,
             "n": n_samples,
