@@ -237,7 +237,12 @@ class _PreallocatedLayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the sampler's cache does not crop")
+        """Drop the last -tokens_to_remove positions (DynamicLayer's convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        if self.buf_keys is not None and tokens_to_remove < 0:
+            self.length = max(self.length + tokens_to_remove, 0)
+            self._views()
 
     def reset(self) -> None:
         self.length, self.buf_keys, self.buf_values = 0, None, None

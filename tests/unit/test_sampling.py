@@ -269,3 +269,22 @@ def test_texts_and_token_kwargs_with_the_tiny_tokenizer():
     assert kw["stop_ids"] == [0, 2] and kw["pad_id"] == 0
     assert (kw["think_open_id"], kw["think_close_id"]) == (3, 4)
     assert tok.decode(kw["budget_ids"]).endswith("directly now.\n</think>.\n\n")
+
+
+def test_preallocated_cache_layer_crops_like_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from factory.sampling import _PreallocatedLayer
+
+    keys = torch.randn(2, 3, 7, 4, generator=torch.Generator().manual_seed(0))
+    values = torch.randn(2, 3, 7, 4, generator=torch.Generator().manual_seed(1))
+    ours, reference = _PreallocatedLayer(max_len=32), DynamicLayer()
+    for layer in (ours, reference):
+        layer.update(keys, values)
+        layer.crop(-3)
+    assert ours.get_seq_length() == reference.get_seq_length() == 4
+    assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)
+    with pytest.raises(ValueError):
+        ours.crop(2)
+    ours.update(keys[:, :, :1], values[:, :, :1])  # appending after a crop overwrites the tail
+    assert torch.equal(ours.keys[:, :, 4], keys[:, :, 0])
