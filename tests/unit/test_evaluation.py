@@ -19,7 +19,7 @@ from factory.tasks import Problem
 from factory.tasks.arith import ArithTask, make_problem
 from factory.tokenizer import build_tiny_tokenizer
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # --- pass@k ---------------------------------------------------------------------------------
@@ -122,12 +122,6 @@ def run_eval(model, task, probs, **kw):
     return evaluate(model, TOK, task, probs, **opts)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_evaluate_counts_a_known_model():

@@ -10,7 +10,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 
 from factory.sampling import Samples, filter_logits, sample, token_kwargs
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 VOCAB, EOS, PAD = 128, 2, 0
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14, 15, 16], [1, 20], [1, 30, 31, 32, 33, 34]]
@@ -26,13 +26,6 @@ def tiny_config(**overrides) -> dict:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the 2-core test machine is shared; torch's default pool spins under contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

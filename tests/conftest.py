@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test module: the 2-core machine is shared, and torch's default
+    pool slows down badly under contention (docs/benchmarks.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
