@@ -151,12 +151,53 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """The bank's off-policy set: teacher responses to the task's training prompts."""
+
+    n_prompts: int = 1000  # training prompts (0: all the task has)
+    n_per_prompt: int = 1  # responses per prompt and mode
+    modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+    rejection_sampling: bool = True  # keep only responses the task's verifier accepts
+    batch_size: int = 512  # sampler rows per call
+
+
+@dataclass
+class CacheConfig:
+    """The logit cache recorded over the off-policy set (teachers/cache.py), and the rows the
+    teacher returns when it scores on-policy samples."""
+
+    k: int = 64
+    mode: str = "topk"  # topk | sampled
+    encoding: str = "compact"  # plain | compact
+    logprob_bits: int = 8  # compact encoding
+    shard_tokens: int = 1_000_000
+    batch_size: int = 64  # sequences per teacher forward when recording or scoring
+
+
+@dataclass
+class OnPolicyConfig(StageConfig):
+    """On-policy distillation: the student samples, the teacher scores, reverse KL per token."""
+
+    estimator: str = "topk"  # topk (exact over the top-k support) | sampled_token
+    gkd_lambda: float = 1.0  # share of steps that are on-policy; the rest replay the cache
+    n_prompts: int = 1000  # training prompts the student samples on (0: all)
+    n_per_prompt: int = 4  # student samples per prompt per step's prompts
+    modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+    temperature: float = 1.0  # the student's sampling temperature
+    max_new_tokens: int = 256
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     stages: list[str] = MISSING
     pretrain: StageConfig = field(default_factory=StageConfig)
     sft: StageConfig = field(default_factory=StageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    off_policy: StageConfig = field(default_factory=StageConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
     pretrain_corpus_size: int = 20_000
 
@@ -167,7 +208,6 @@ class LossConfig:
     temperature: float = 1.0
     beta: float = 0.5
     alpha: float = 0.1
-    top_k: int = 64
     chunk_size: int = 1024
     ce_weight: float = 0.0
 

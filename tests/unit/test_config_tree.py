@@ -23,7 +23,11 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.y
 NOT_YET_READ = {
     "backend": {"name", "url", "max_logprobs", "gpu_memory_utilization", "request_batch_size",
                 "max_retries"},  # issue 3 / 7: vLLM backends
-    "loss": {"kind", "temperature", "beta", "alpha", "top_k", "chunk_size", "ce_weight"},  # 3
+    "loss": {"kind", "temperature", "beta", "alpha", "chunk_size", "ce_weight"},  # 3
+    "generate": {"n_prompts", "n_per_prompt", "rejection_sampling"},  # issue 3
+    "cache": {"k", "encoding", "logprob_bits", "shard_tokens"},  # issue 3
+    "onpolicy": {"estimator", "gkd_lambda", "n_prompts", "n_per_prompt", "temperature"},  # 3
+    "pipeline": {"off_policy", "on_policy"},  # issue 3
     "teacher": {"tensor_parallel", "expert_parallel", "quantization"},  # issue 7
     "bootstrap": {"four_stage"},  # issue 4
     "trainer": {"device_peak_tflops", "h100_utilization"},  # issue 6 / 8: ledger, MFU
