@@ -25,8 +25,7 @@ NOT_YET_READ = {
                 "max_retries"},  # issue 3 / 7: vLLM backends
     "loss": {"kind", "temperature", "beta", "alpha", "chunk_size", "ce_weight"},  # 3
     "generate": {"n_prompts", "n_per_prompt", "rejection_sampling"},  # issue 3
-    "cache": {"k", "encoding", "logprob_bits", "shard_tokens"},  # issue 3
-    "onpolicy": {"estimator", "gkd_lambda", "n_prompts", "n_per_prompt", "temperature"},  # 3
+    "onpolicy": {"estimator", "gkd_lambda", "n_prompts", "n_per_prompt"},  # 3
     "pipeline": {"off_policy", "on_policy"},  # issue 3
     "teacher": {"tensor_parallel", "expert_parallel", "quantization"},  # issue 7
     "bootstrap": {"four_stage"},  # issue 4
