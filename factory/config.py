@@ -260,6 +260,95 @@ class Config:
     dry_run: bool = False
 
 
+@dataclass
+class ColdStartConfig(StageConfig):
+    """Four-stage 1: SFT on a few hundred filtered, verified chain-of-thought solutions."""
+
+    source: str = "task"  # task: the task's own verified traces (arith) | jsonl: `path`
+    path: Optional[str] = None  # jsonl rows {problem, reasoning, answer[, gold]}
+    n_examples: int = 256  # candidates read; the filters keep at most this many
+    modes: list[str] = field(default_factory=lambda: ["think"])
+    max_line_repeats: int = 2  # repetition filter: a line written more often than this drops it
+    dedup_ngram: int = 5  # near-duplicate filter: character n-grams of the normalised problem
+    dedup_threshold: float = 0.8  # drop at this Jaccard similarity to any test problem
+
+
+@dataclass
+class EntropyControlConfig:
+    """The adaptive entropy coefficient (factory/rl.py EntropyController)."""
+
+    enabled: bool = True  # False: the coefficient stays at init_coef (control off)
+    init_coef: float = 0.0
+    target_low: float = 0.2  # nats per response token
+    target_high: float = 0.6
+    rule: str = "additive"  # additive | multiplicative
+    rate: float = 0.002  # additive: change per step; multiplicative: factor 1 + rate
+    min_coef: float = 0.0  # multiplicative: floor a raise starts from (must be > 0 there)
+    max_coef: float = 0.05
+
+
+@dataclass
+class GRPOConfig:
+    """Four-stage 2: GRPO on query-verifier pairs (factory/rl.py for the equations)."""
+
+    steps: int = 100  # optimizer steps; each sampled batch serves `passes` consecutive steps
+    lr: float = 1e-4
+    warmup_ratio: float = 0.0
+    grad_accum: int = 1  # micro-batches per step (the batch's rows split evenly)
+    n_prompts: int = 0  # query pool from the train split, after the cold start's (0: task n_train)
+    prompts_per_batch: int = 16
+    group_size: int = 8  # G samples per query
+    passes: int = 2  # optimisation passes over each sampled batch (off-policy reuse)
+    modes: list[str] = field(default_factory=lambda: ["think"])
+    temperature: float = 1.0  # sampling temperature, no top-k/top-p: ratios need the policy
+    max_new_tokens: int = 256
+    sample_batch_size: int = 512  # sampler rows per forward
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher (DAPO)
+    kl_coef: float = 0.0  # k3 KL to the frozen starting model; > 0 loads it
+    normalize_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
+    chunk_size: int = 1024  # response tokens per LM-head chunk (log-probs and entropy)
+    entropy: EntropyControlConfig = field(default_factory=EntropyControlConfig)
+
+
+@dataclass
+class FusionConfig(StageConfig):
+    """Four-stage 3: continual SFT on a per-instance mix of /think and /no_think examples."""
+
+    n_prompts: int = 256  # train queries rejection-sampled from the stage-2 model
+    samples_per_prompt: int = 4  # /think samples per query; the first verified one is kept
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
+    sample_batch_size: int = 512
+    n_examples: int = 512  # examples in the mix
+    think_ratio: float = 0.5  # share of /think examples (each instance drawn independently)
+    multi_turn_ratio: float = 0.25  # share of two-turn examples whose flag flips between turns
+
+
+@dataclass
+class GeneralRLConfig(GRPOConfig):
+    """Four-stage 4: GRPO on a weighted sum of rule rewards, both modes, soft switch only."""
+
+    modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
+    multi_turn_ratio: float = 0.25  # share of queries asked as the second turn of a chat
+    reward_correct: float = 1.0
+    reward_format: float = 0.2
+    reward_follow: float = 0.5
+    reward_length: float = 0.2
+    think_target_tokens: int = 256  # length target per prompt, by its mode
+    no_think_target_tokens: int = 32
+    length_tolerance: float = 0.5  # the length reward reaches 0 at target * (1 + tolerance)
+
+
+@dataclass
+class FourStageConfig:
+    """The four-stage baseline (DESIGN.md): cold start, reasoning RL, fusion, general RL."""
+
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    reasoning_rl: GRPOConfig = field(default_factory=GRPOConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    general_rl: GeneralRLConfig = field(default_factory=GeneralRLConfig)
+
+
 def register() -> None:
     """Register the top-level schema; conf/config.yaml lists it first in its defaults, so every
     group file is merged into a typed node and an unknown key or a wrong type fails there."""
