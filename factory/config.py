@@ -188,79 +188,6 @@ class OnPolicyConfig(StageConfig):
 
 
 @dataclass
-class PipelineConfig:
-    name: str = MISSING
-    stages: list[str] = MISSING
-    pretrain: StageConfig = field(default_factory=StageConfig)
-    sft: StageConfig = field(default_factory=StageConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    off_policy: StageConfig = field(default_factory=StageConfig)
-    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
-    pretrain_corpus_size: int = 20_000
-
-
-@dataclass
-class LossConfig:
-    kind: str = "fkl"  # fkl | rkl | jsd | skew_fkl | skew_rkl | tvd
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 0.1
-    chunk_size: int = 1024
-    ce_weight: float = 0.0
-
-
-@dataclass
-class BackendConfig:
-    name: str = "hf"  # hf | vllm | vllm_server
-    url: Optional[str] = None  # vllm_server
-    max_logprobs: int = 64
-    gpu_memory_utilization: float = 0.85
-    request_batch_size: int = 64
-    max_retries: int = 5
-
-
-@dataclass
-class TrainerConfig:
-    name: str = "cpu"
-    device: str = "cpu"  # cpu | cuda
-    precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
-    num_threads: int = 0  # torch intra-op threads on CPU (0: all cores)
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    checkpoint_every: int = 200
-    log_every: int = 10
-    progress: bool = True
-    device_peak_tflops: float = 0.0  # for MFU; 0: unknown
-    h100_utilization: float = 0.4  # the stated utilisation for projected H100-hours
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "wandb"
-    mode: str = "disabled"  # online | offline | disabled
-    project: str = "compact-factory"
-    entity: Optional[str] = None
-
-
-@dataclass
-class Config:
-    student: StudentConfig = MISSING
-    teacher: TeacherConfig = MISSING
-    task: TaskConfig = MISSING
-    pipeline: PipelineConfig = MISSING
-    loss: LossConfig = MISSING
-    backend: BackendConfig = MISSING
-    trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
-    seed: int = 0
-    artifacts_dir: str = "artifacts"  # the content-addressed store (relative to the launch dir)
-    dry_run: bool = False
-
-
-@dataclass
 class ColdStartConfig(StageConfig):
     """Four-stage 1: SFT on a few hundred filtered, verified chain-of-thought solutions."""
 
@@ -347,6 +274,80 @@ class FourStageConfig:
     reasoning_rl: GRPOConfig = field(default_factory=GRPOConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     general_rl: GeneralRLConfig = field(default_factory=GeneralRLConfig)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    stages: list[str] = MISSING
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    sft: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    off_policy: StageConfig = field(default_factory=StageConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    four_stage: FourStageConfig = field(default_factory=FourStageConfig)
+    # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
+    pretrain_corpus_size: int = 20_000
+
+
+@dataclass
+class LossConfig:
+    kind: str = "fkl"  # fkl | rkl | jsd | skew_fkl | skew_rkl | tvd
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    chunk_size: int = 1024
+    ce_weight: float = 0.0
+
+
+@dataclass
+class BackendConfig:
+    name: str = "hf"  # hf | vllm | vllm_server
+    url: Optional[str] = None  # vllm_server
+    max_logprobs: int = 64
+    gpu_memory_utilization: float = 0.85
+    request_batch_size: int = 64
+    max_retries: int = 5
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
+    num_threads: int = 0  # torch intra-op threads on CPU (0: all cores)
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    progress: bool = True
+    device_peak_tflops: float = 0.0  # for MFU; 0: unknown
+    h100_utilization: float = 0.4  # the stated utilisation for projected H100-hours
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "compact-factory"
+    entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    student: StudentConfig = MISSING
+    teacher: TeacherConfig = MISSING
+    task: TaskConfig = MISSING
+    pipeline: PipelineConfig = MISSING
+    loss: LossConfig = MISSING
+    backend: BackendConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    artifacts_dir: str = "artifacts"  # the content-addressed store (relative to the launch dir)
+    dry_run: bool = False
 
 
 def register() -> None:

@@ -14,8 +14,11 @@ from omegaconf import OmegaConf
 from factory.config import TaskConfig
 from factory.errors import ConfigError
 from factory.pipeline import Stage
+from factory.stages.distill import off_policy_stage, on_policy_stage
 from factory.stages.evaluate import eval_stage
+from factory.stages.four_stage import STAGE_NAMES, four_stage_stages
 from factory.stages.models import pretrain_stage, sft_stage, source_stage
+from factory.stages.teacher_data import generate_stage, record_stage
 
 
 @dataclass
@@ -67,13 +70,49 @@ def base_student_group(cfg, plan: Plan) -> None:
     plan.models["base"] = ("student/base", card)
 
 
+def distill_group(cfg, plan: Plan) -> None:
+    """The distillation arm (DESIGN.md): the teacher answers the training prompts (the
+    off-policy set) and its distributions are recorded (the logit cache); the base student
+    learns them off-policy, then on-policy from that checkpoint with the teacher scoring its
+    samples. The student sees the prompts and the teacher, never the answers."""
+    if "teacher" not in plan.models:
+        raise ConfigError(f"pipeline {cfg.pipeline.name!r}: the distill group needs the teacher "
+                          f"group before it in pipeline.stages")
+    p, teacher = cfg.pipeline, plan.models["teacher"][0]
+    plan.stages.append(generate_stage("teacher/generate", cfg.teacher, cfg.task, model=teacher,
+                                      gen_cfg=p.generate, seed=cfg.seed, cfg=cfg))
+    plan.stages.append(record_stage("teacher/record", cfg.teacher, model=teacher,
+                                    offpolicy_set="teacher/generate", cache_cfg=p.cache,
+                                    seed=cfg.seed, cfg=cfg))
+    common = dict(offpolicy_set="teacher/generate", cache="teacher/record", loss_cfg=cfg.loss,
+                  cache_cfg=p.cache, seed=cfg.seed, cfg=cfg)
+    plan.stages.append(off_policy_stage("distill/off_policy", cfg.student, base="student/base",
+                                        stage_cfg=p.off_policy, **common))
+    plan.models["off_policy"] = ("distill/off_policy", cfg.student)
+    if p.on_policy.steps > 0:
+        plan.stages.append(on_policy_stage(
+            "distill/on_policy", cfg.student, cfg.teacher, init="distill/off_policy",
+            teacher_model=teacher, stage_cfg=p.on_policy, task_cfg=cfg.task, **common))
+        plan.models["on_policy"] = ("distill/on_policy", cfg.student)
+
+
+def four_stage_group(cfg, plan: Plan) -> None:
+    """The four-stage baseline (DESIGN.md) on the same base student."""
+    stages = four_stage_stages(cfg, cfg.pipeline.four_stage, card=cfg.student,
+                               base="student/base")
+    plan.stages.extend(stages)
+    for label, stage in zip(STAGE_NAMES, stages):
+        plan.models[label] = (stage.name, cfg.student)
+
+
 def eval_group(cfg, plan: Plan) -> None:
     for label, (stage_name, card) in plan.models.items():
         for mode in cfg.pipeline.eval.modes:
             plan.stages.append(eval_stage(label, stage_name, card, mode, cfg))
 
 
-GROUPS = {"teacher": teacher_group, "base_student": base_student_group, "eval": eval_group}
+GROUPS = {"teacher": teacher_group, "base_student": base_student_group,
+          "distill": distill_group, "four_stage": four_stage_group, "eval": eval_group}
 
 
 def build_plan(cfg) -> Plan:

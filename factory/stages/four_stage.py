@@ -24,6 +24,7 @@ ends with the weights an uninterrupted run ends with.
 
 from __future__ import annotations
 
+import logging
 import json
 import random
 from collections import Counter
@@ -49,6 +50,8 @@ from factory.store import file_sha256
 from factory.tasks import Problem, Task
 from factory.tasks.registry import build_task
 from students.builders import count_params
+
+log = logging.getLogger(__name__)
 
 COLD_START_SOURCES = ("task", "jsonl")
 
@@ -534,9 +537,12 @@ def fusion_examples(tokenizer, problems: Sequence[Problem], verified: dict[int, 
     check_ratios("fusion", think_ratio=think_ratio, multi_turn_ratio=multi_turn_ratio)
     think_pool = sorted(verified)
     if think_ratio > 0 and not think_pool:
-        raise ConfigError(f"fusion: the stage-2 model solved none of {len(problems)} queries in "
-                          f"/think mode, so there is no thinking data; raise fusion.n_prompts or "
-                          f"fusion.samples_per_prompt, or train the earlier stages longer")
+        # a weak stage-2 model is a result to report, not a reason to lose the run's other arm
+        log.warning("fusion: the stage-2 model solved none of %d queries in /think mode, so the "
+                    "mix has no thinking data (every example is /no_think); raise "
+                    "fusion.n_prompts or fusion.samples_per_prompt, or train the earlier stages "
+                    "longer", len(problems))
+        think_ratio = 0.0
     rng = random.Random(f"fusion/{seed}")
     counts = {"think": 0, "no_think": 0, "multi_turn": 0, "verified_prompts": len(think_pool)}
     examples = []

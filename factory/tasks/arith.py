@@ -1,27 +1,29 @@
 """arith: generated multi-step integer arithmetic, the tiny world's task.
 
-A problem is an expression of `difficulty` operations on integers drawn from [1, max_operand],
-evaluated left to right and written with the fewest parentheses that say so:
+A problem is an expression of `difficulty` operations, evaluated left to right and written with
+the fewest parentheses that say so. Exactly one operation is a multiplication, by a digit (2-9),
+of an intermediate result in [-99, 99]; the others add or subtract an integer in
+[1, max_operand]:
 
-    prompt     Compute (37+45)*38-18.
+    prompt     Compute (37+45)*8-18.
     reasoning  37+45=82
                82*8=656
-               82*30=2460
-               656+2460=3116
-               3116-18=3098
-    answer     3098
+               656-18=638
+    answer     638
 
-The chain of thought takes one operation per line. A multiplication by a number with more than
-one non-zero digit is done the long way (one partial product per non-zero digit, then their sum),
-so every line is a fact a small model can learn: a sum or difference, or a product by one digit
-times a power of ten. Results may be negative.
+The chain of thought takes one operation per line, so every line is a fact a 2M-parameter model
+learns in minutes: a sum or difference of numbers with at most three or four digits, or a
+two-digit number times a digit. Results may be negative.
 
-Every problem has at least one multiplication. That is what spreads the answers: with two
-operations on operands up to 99, additions and subtractions alone land in a window of about 400
-values, where a guesser that draws from the answer distribution reaches Pass@64 of about 0.1;
-with a multiplication in every problem the answers cover tens of thousands of values and the
-same guesser scores below 0.01 (`guess_baseline`; the report shows it). Answers in 0-99 would let
-guessing reach about 0.47 Pass@64 (DESIGN.md, the tiny world).
+Why this shape. The multiplication is what spreads the answers: with two operations on operands
+up to 99, additions and subtractions alone land in a window of about 400 values, where a guesser
+drawing from the answer distribution reaches Pass@64 of about 0.1 (DESIGN.md: answers in 0-99
+give 0.47); one multiplication by a digit spreads them over about 1,400 values (difficulty 2) to
+1,900 (difficulty 3), and the same guesser scores 0.08 and 0.07 (`guess_baseline`; the eval
+reports it). Multiplications by two-digit numbers spread them further but need a long
+multiplication whose partial products add up to four- and five-digit sums, and those carry
+chains are what a small model gets wrong (measured here: the tiny teacher's errors were almost
+all in those sums, and its fact accuracy after 800k tokens was 31-45%).
 
 Splits: the test split is the first `n_test` distinct problems of its own random stream; the
 train split is an endless stream from another seed, without any problem whose expression is in
@@ -30,7 +32,6 @@ the test split. Both are deterministic given (seed, difficulty, max_operand, n_t
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
 from collections import Counter
@@ -108,22 +109,36 @@ def make_problem(operands: Sequence[int], ops: Sequence[str], id: str = "") -> P
     )
 
 
+MULTIPLIERS = (2, 9)  # the multiplication's operand: one digit
+MULTIPLICAND_MAX = 99  # |intermediate result| a multiplication applies to
+
+
 def _random_specs(
     rng: random.Random, difficulty: int, max_operand: int
 ) -> Iterator[tuple[list[int], tuple[str, ...]]]:
-    """An endless stream of (operands, ops): ops uniform over the sequences with at least one
-    multiplication, operands uniform over [1, max_operand]."""
+    """An endless stream of (operands, ops): the multiplication's position uniform over the
+    `difficulty` operations, the others "+" or "-" with equal odds, additive operands uniform over
+    [1, max_operand], the multiplier uniform over 2-9. A draw whose multiplicand falls outside
+    [-99, 99] (or is 0) is drawn again."""
     random_ = rng.random
-    if difficulty <= 8:  # at most 3**8 sequences: draw one directly
-        seqs = [s for s in itertools.product("+-*", repeat=difficulty) if "*" in s]
-        n_seqs = len(seqs)
-        while True:
-            ops = seqs[int(random_() * n_seqs)]
-            yield [int(random_() * max_operand) + 1 for _ in range(difficulty + 1)], ops
-    while True:  # rejection: a sequence without "*" has probability (2/3)**difficulty < 0.04
-        ops = tuple("+-*"[int(random_() * 3)] for _ in range(difficulty))
-        if "*" in ops:
-            yield [int(random_() * max_operand) + 1 for _ in range(difficulty + 1)], ops
+    lo, hi = MULTIPLIERS
+    while True:
+        at = int(random_() * difficulty)
+        ops = tuple("*" if i == at else "+-"[int(random_() * 2)] for i in range(difficulty))
+        operands = [int(random_() * max_operand) + 1]
+        acc = operands[0]
+        for op in ops:
+            if op == "*":
+                if not 0 < abs(acc) <= MULTIPLICAND_MAX:
+                    break
+                x = lo + int(random_() * (hi - lo + 1))
+                acc *= x
+            else:
+                x = int(random_() * max_operand) + 1
+                acc = acc + x if op == "+" else acc - x
+            operands.append(x)
+        else:
+            yield operands, ops
 
 
 def guess_baseline(

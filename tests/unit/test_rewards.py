@@ -202,11 +202,13 @@ def test_fusion_mix_follows_its_ratios_and_renders_both_modes(tok):
     assert n_empty == counts["no_think"] and n_thought == counts["think"]
 
 
-def test_fusion_without_verified_thinking_data_says_so(tok):
+def test_fusion_without_verified_thinking_data_says_so_and_goes_on(tok, caplog):
     problems = [make_problem([2, 3], ["*"])]
-    with pytest.raises(ConfigError, match="solved none"):
-        fs.fusion_examples(tok, problems, {}, n_examples=4, think_ratio=0.5,
-                           multi_turn_ratio=0.0, max_len=128, seed=0)
+    with caplog.at_level("WARNING"):
+        examples, counts = fs.fusion_examples(tok, problems, {}, n_examples=4, think_ratio=0.5,
+                                              multi_turn_ratio=0.0, max_len=128, seed=0)
+    assert "solved none" in caplog.text
+    assert counts == {"think": 0, "no_think": 4, "multi_turn": 0, "verified_prompts": 0}
     examples, counts = fs.fusion_examples(tok, problems, {}, n_examples=4, think_ratio=0.0,
                                           multi_turn_ratio=0.0, max_len=128, seed=0)
     assert counts["no_think"] == 4
