@@ -54,6 +54,11 @@ def teacher_group(cfg, plan: Plan) -> None:
         n_examples=boot.sft_examples, max_len=cfg.pipeline.sft.max_len, seed=cfg.seed, cfg=cfg,
         arm="teacher"))
     plan.models["teacher"] = ("teacher/sft", card)
+    if boot.four_stage:  # the bank's full recipe: the four stages after the bootstrap SFT
+        stages = four_stage_stages(cfg, cfg.pipeline.four_stage, card=card, base="teacher/sft",
+                                   task_cfg=corpus_task(cfg), prefix="teacher", arm="teacher")
+        plan.stages.extend(stages)
+        plan.models["teacher"] = (stages[-1].name, card)
 
 
 def base_student_group(cfg, plan: Plan) -> None:

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from factory.config import register
+from factory.environment import environment
 from factory.errors import FactoryError
 from factory.metrics import MetricsLogger
 from factory.pipeline import Pipeline
@@ -45,6 +46,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
+    write_json_atomic(run_dir / "env.json", environment())
 
     plan = build_plan(cfg)
     metrics = MetricsLogger(run_dir, cfg.logger, run_name=run_dir.name,
