@@ -114,7 +114,8 @@ class TaskConfig:
     n_train: int = 0  # training prompts (0: all available)
     n_test: int = 0  # held-out problems evaluated (0: all)
     difficulty: int = 2  # arith: number of operations per problem
-    max_operand: int = 99  # arith: operands drawn from [1, max_operand]
+    max_operand: int = 9  # arith: added or subtracted operands drawn from [1, max_operand]
+    max_first_operand: int = 99  # arith: the first operand, drawn from [1, max_first_operand]
     seed: int = 0
     # field mapping: which column of a row holds what
     problem_field: str = "problem"

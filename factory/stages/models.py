@@ -68,7 +68,8 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
 
 def _corpus_inputs(task_cfg) -> dict:
     t = OmegaConf.to_container(task_cfg, resolve=True)
-    return {k: t[k] for k in ("name", "kind", "difficulty", "max_operand", "seed", "source", "path")}
+    return {k: t[k] for k in ("name", "kind", "difficulty", "max_operand", "max_first_operand",
+                              "seed", "source", "path")}
 
 
 def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int) -> list[dict]:

@@ -1,33 +1,33 @@
 """arith: generated multi-step integer arithmetic, the tiny world's task.
 
-A problem is an expression of `difficulty` operations, evaluated left to right and written with
-the fewest parentheses that say so. Exactly one operation is a multiplication, by a digit (2-9),
-of an intermediate result in [-99, 99]; the others add or subtract an integer in
-[1, max_operand]:
+A problem is an expression of `difficulty` operations on a first operand in
+[1, max_first_operand], evaluated left to right and written with the fewest parentheses that say
+so. Exactly one operation is a multiplication, by a digit (2-9), of an intermediate result in
+[-99, 99]; the others add or subtract an integer in [1, max_operand]:
 
-    prompt     Compute (37+45)*8-18.
-    reasoning  37+45=82
-               82*8=656
-               656-18=638
-    answer     638
+    prompt     Compute (37+5)*8-6.
+    reasoning  37+5=42
+               42*8=336
+               336-6=330
+    answer     330
 
-The chain of thought takes one operation per line, so every line is a fact a 2M-parameter model
-learns in minutes: a sum or difference of numbers with at most three or four digits, or a
-two-digit number times a digit. Results may be negative.
+The chain of thought takes one operation per line, so every line is a fact a 1M-parameter model
+learns in minutes: a number of at most three digits plus or minus a digit (the defaults), or a
+number of at most two digits times a digit.
 
-Why this shape. The multiplication is what spreads the answers: with two operations on operands
-up to 99, additions and subtractions alone land in a window of about 400 values, where a guesser
-drawing from the answer distribution reaches Pass@64 of about 0.1 (DESIGN.md: answers in 0-99
-give 0.47); one multiplication by a digit spreads them over about 1,400 values (difficulty 2) to
-1,900 (difficulty 3), and the same guesser scores 0.08 and 0.07 (`guess_baseline`; the eval
-reports it). Multiplications by two-digit numbers spread them further but need a long
-multiplication whose partial products add up to four- and five-digit sums, and those carry
-chains are what a small model gets wrong (measured here: the tiny teacher's errors were almost
-all in those sums, and its fact accuracy after 800k tokens was 31-45%).
+Why this shape (measured on this machine; docs/design.md). The tiny teacher learns what each
+line needs in a few thousand steps only when the facts are that small: adding two two-digit
+numbers or a two-digit number to a three-digit one stayed 70-95% wrong after 3,000 steps, and
+multiplying by two-digit numbers the long way (partial products, then their four-digit sum) was
+worse. The one multiplication is what spreads the answers over about 900 values, where a guesser
+drawing from the answer distribution reaches Pass@64 of 0.12 and Pass@1 of 0.002
+(`guess_baseline`; the eval reports it): with answers in 0-99 it would reach 0.47 (DESIGN.md).
+`max_operand=99` spreads them further (0.08) at the price of two-digit sums.
 
 Splits: the test split is the first `n_test` distinct problems of its own random stream; the
 train split is an endless stream from another seed, without any problem whose expression is in
-the test split. Both are deterministic given (seed, difficulty, max_operand, n_test).
+the test split. Both are deterministic given (seed, difficulty, max_operand, max_first_operand,
+n_test).
 """
 
 from __future__ import annotations
@@ -114,18 +114,18 @@ MULTIPLICAND_MAX = 99  # |intermediate result| a multiplication applies to
 
 
 def _random_specs(
-    rng: random.Random, difficulty: int, max_operand: int
+    rng: random.Random, difficulty: int, max_operand: int, max_first_operand: int
 ) -> Iterator[tuple[list[int], tuple[str, ...]]]:
     """An endless stream of (operands, ops): the multiplication's position uniform over the
-    `difficulty` operations, the others "+" or "-" with equal odds, additive operands uniform over
-    [1, max_operand], the multiplier uniform over 2-9. A draw whose multiplicand falls outside
-    [-99, 99] (or is 0) is drawn again."""
+    `difficulty` operations, the others "+" or "-" with equal odds, the first operand uniform over
+    [1, max_first_operand], the others over [1, max_operand], the multiplier over 2-9. A draw
+    whose multiplicand falls outside [-99, 99] (or is 0) is drawn again."""
     random_ = rng.random
     lo, hi = MULTIPLIERS
     while True:
         at = int(random_() * difficulty)
         ops = tuple("*" if i == at else "+-"[int(random_() * 2)] for i in range(difficulty))
-        operands = [int(random_() * max_operand) + 1]
+        operands = [int(random_() * max_first_operand) + 1]
         acc = operands[0]
         for op in ops:
             if op == "*":
@@ -174,10 +174,12 @@ class ArithTask:
             raise ConfigError(
                 f"task.difficulty must be >= 1 (operations per problem), got {cfg.difficulty}"
             )
-        if cfg.max_operand < 2:
-            raise ConfigError(f"task.max_operand must be >= 2, got {cfg.max_operand}")
+        if cfg.max_operand < 1 or cfg.max_first_operand < 1:
+            raise ConfigError(f"task.max_operand and task.max_first_operand must be >= 1, got "
+                              f"{cfg.max_operand} and {cfg.max_first_operand}")
         self.difficulty = cfg.difficulty
         self.max_operand = cfg.max_operand
+        self.max_first_operand = cfg.max_first_operand
         self.seed = cfg.seed
         self.n_train = cfg.n_train or DEFAULT_N_TRAIN
         self.n_test = cfg.n_test or DEFAULT_N_TEST
@@ -189,8 +191,9 @@ class ArithTask:
     def _specs(self, split: str) -> Iterator[tuple[list[int], tuple[str, ...]]]:
         """The split's stream of (operands, ops), from a seed of its own."""
         # str seeds are hashed with SHA-512 by `random`: stable across processes and platforms
-        rng = random.Random(f"arith/{self.seed}/{self.difficulty}/{self.max_operand}/{split}")
-        return _random_specs(rng, self.difficulty, self.max_operand)
+        rng = random.Random(f"arith/{self.seed}/{self.difficulty}/{self.max_operand}/"
+                            f"{self.max_first_operand}/{split}")
+        return _random_specs(rng, self.difficulty, self.max_operand, self.max_first_operand)
 
     def _test_split(self) -> list[Problem]:
         if self._test is None:
@@ -204,7 +207,8 @@ class ArithTask:
                     raise ConfigError(
                         f"arith: only {len(test)} distinct test problems found for n_test="
                         f"{self.n_test} (difficulty {self.difficulty}, max_operand "
-                        f"{self.max_operand}); lower task.n_test or widen the problem space"
+                        f"{self.max_operand}, max_first_operand {self.max_first_operand}); lower "
+                        f"task.n_test or widen the problem space"
                     )
                 key = (tuple(operands), ops)
                 if key not in self._test_keys:
@@ -255,8 +259,9 @@ class ArithTask:
         with the frequencies the task needs, but sees no chat markup, no question, and no chain
         from a question to its answer: how to chain steps is what post-training teaches.
         """
-        rng = random.Random(f"arith-corpus/{seed}/{self.difficulty}/{self.max_operand}")
-        specs = _random_specs(rng, self.difficulty, self.max_operand)
+        rng = random.Random(f"arith-corpus/{seed}/{self.difficulty}/{self.max_operand}/"
+                            f"{self.max_first_operand}")
+        specs = _random_specs(rng, self.difficulty, self.max_operand, self.max_first_operand)
         facts: list[str] = []
         need = n * FACTS_PER_DOCUMENT
         while len(facts) < need:

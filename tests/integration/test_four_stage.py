@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread
 
 # products of 1..3: a scratch student learns the format and some answers in a few dozen steps,
 # so the fusion stage finds verified /think samples to keep
-EASY = ["student=tiny", "task.difficulty=1", "task.max_operand=3", "task.n_test=3",
+EASY = ["student=tiny", "task.difficulty=1", "task.max_first_operand=3", "task.n_test=3",
         "trainer.progress=false", "trainer.log_every=1", "trainer.num_threads=1"]
 RL = dict(steps=4, prompts_per_batch=4, group_size=4, passes=2, max_new_tokens=32, n_prompts=32)
 RL_KEYS = {"reward", "accuracy", "entropy", "entropy_coef", "clip_frac", "response_length",

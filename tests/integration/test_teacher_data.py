@@ -25,7 +25,8 @@ from teachers.cache import CacheReader
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 # products of 1..3 by a digit: a one-layer teacher learns many of them in 60 SFT steps
-EASY = ["task.difficulty=1", "task.max_operand=3", "task.n_test=3", "teacher.arch.num_hidden_layers=1",
+EASY = ["task.difficulty=1", "task.max_first_operand=3", "task.n_test=3",
+        "teacher.arch.num_hidden_layers=1",
         "teacher.thinking.max_new_tokens=40", "teacher.non_thinking.max_new_tokens=16",
         "pipeline.generate.n_prompts=12", "pipeline.generate.n_per_prompt=3",
         "pipeline.generate.batch_size=64", "pipeline.cache.k=8", "pipeline.cache.batch_size=5",

@@ -13,21 +13,14 @@ from pathlib import Path
 import pytest
 
 from factory.inspect import compose
+from tiny_sizes import BOOTSTRAP_TINY
 from factory.run import run
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 # the default pipeline at the smallest sizes that still exercise every stage
-SMALL = [
-    "teacher.bootstrap.pretrain_steps=4", "teacher.bootstrap.sft_steps=4",
-    "teacher.bootstrap.batch_size=8", "teacher.bootstrap.sft_examples=64",
-    "pipeline.pretrain.steps=4", "pipeline.pretrain.batch_size=8",
-    "pipeline.pretrain_corpus_size=200",
-    "pipeline.eval.n_samples=4", "pipeline.eval.n_problems=6", "pipeline.eval.ks=[1,4]",
-    "pipeline.eval.max_new_tokens=24", "task.n_test=6",
-    "trainer.num_threads=1", "trainer.progress=false",
-]
+SMALL = BOOTSTRAP_TINY
 
 
 def test_default_pipeline_then_a_rerun_that_reuses_everything(tmp_path):

@@ -144,7 +144,8 @@ def test_tiny_moe_bootstrap_and_sampling():
     assert boot.enabled and boot.pretrain_steps > 0 and boot.sft_steps > 0
     assert boot.sft_examples >= boot.batch_size > 0 and boot.lr > 0
     assert (t.thinking.temperature, t.thinking.top_p, t.thinking.top_k) == (0.6, 0.95, 20)
-    assert (t.thinking.max_new_tokens, t.non_thinking.max_new_tokens) == (256, 64)
+    # the tiny world's traces are ~35 tokens: the caps bound a weak model's rambling
+    assert (t.thinking.max_new_tokens, t.non_thinking.max_new_tokens) == (96, 32)
 
 
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-32b"])
