@@ -691,6 +691,28 @@ def _trainer_inputs(trainer_cfg) -> dict:
             "weight_decay": trainer_cfg.weight_decay}
 
 
+def _replay(ctx: StageContext, card, tokenizer, *, offpolicy_set: str, cache: str, cache_cfg,
+            loss_cfg, stage_cfg, seed: int, rows_per_micro: list[int]) -> CacheReplay:
+    """The off-policy set and its cache, batched for `rows_per_micro` rows per micro-batch."""
+    return CacheReplay.open(
+        ctx.upstream[offpolicy_set], ctx.upstream[cache], cache_cfg, loss_cfg=loss_cfg,
+        max_len=stage_cfg.max_len, pad_id=tokenizer.pad_token_id, seed=seed,
+        rows_per_micro=rows_per_micro, vocab_size=card.arch.vocab_size)
+
+
+def _train_from(ctx: StageContext, start: str, card, tokenizer, micro_step, stage_cfg, cfg,
+                extra_state=None):
+    """Load the `start` stage's model, train it with the one loop, save it into the artifact."""
+    model = load_model(ctx.upstream[start], card, device=cfg.trainer.device, dtype="float32")
+    model.train()
+    result = train(model, micro_step, stage=ctx.name, steps=stage_cfg.steps, lr=stage_cfg.lr,
+                   warmup_ratio=stage_cfg.warmup_ratio, grad_accum=stage_cfg.grad_accum,
+                   trainer_cfg=cfg.trainer, work_dir=ctx.work, metrics=ctx.metrics,
+                   extra_state=extra_state)
+    save_model(model, tokenizer, ctx.out)
+    return result
+
+
 def off_policy_stage(name: str, card, *, base: str, offpolicy_set: str, cache: str, stage_cfg,
                      loss_cfg, cache_cfg, seed: int, cfg, arm: str = "distill") -> Stage:
     """Off-policy distillation of the `base` stage's model on the teacher's responses
@@ -704,18 +726,10 @@ def off_policy_stage(name: str, card, *, base: str, offpolicy_set: str, cache: s
 
     def build(ctx: StageContext) -> StageCost:
         tokenizer = tokenizer_for(card)
-        replay = CacheReplay.open(
-            ctx.upstream[offpolicy_set], ctx.upstream[cache], cache_cfg, loss_cfg=loss_cfg,
-            max_len=stage_cfg.max_len, pad_id=tokenizer.pad_token_id, seed=seed,
-            rows_per_micro=[stage_cfg.batch_size] * stage_cfg.grad_accum,
-            vocab_size=card.arch.vocab_size)
-        model = load_model(ctx.upstream[base], card, device=cfg.trainer.device, dtype="float32")
-        model.train()
-        result = train(model, replay.micro_step, stage=ctx.name, steps=stage_cfg.steps,
-                       lr=stage_cfg.lr, warmup_ratio=stage_cfg.warmup_ratio,
-                       grad_accum=stage_cfg.grad_accum, trainer_cfg=cfg.trainer, work_dir=ctx.work,
-                       metrics=ctx.metrics)
-        save_model(model, tokenizer, ctx.out)
+        replay = _replay(ctx, card, tokenizer, offpolicy_set=offpolicy_set, cache=cache,
+                         cache_cfg=cache_cfg, loss_cfg=loss_cfg, stage_cfg=stage_cfg, seed=seed,
+                         rows_per_micro=[stage_cfg.batch_size] * stage_cfg.grad_accum)
+        result = _train_from(ctx, base, card, tokenizer, replay.micro_step, stage_cfg, cfg)
         active = count_params(card)["flops_params"]
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
                          notes={"steps": result.steps, "resumed_from": result.resumed_from,
@@ -744,12 +758,10 @@ def on_policy_stage(name: str, card, teacher_card, *, init: str, teacher_model: 
 
     def build(ctx: StageContext) -> StageCost:
         tokenizer = tokenizer_for(card)
-        replay = CacheReplay.open(
-            ctx.upstream[offpolicy_set], ctx.upstream[cache], cache_cfg, loss_cfg=loss_cfg,
-            max_len=stage_cfg.max_len, pad_id=tokenizer.pad_token_id, seed=seed,
-            rows_per_micro=micro_sizes(stage_cfg.batch_size * stage_cfg.n_per_prompt,
-                                       stage_cfg.grad_accum),
-            vocab_size=card.arch.vocab_size)
+        replay = _replay(ctx, card, tokenizer, offpolicy_set=offpolicy_set, cache=cache,
+                         cache_cfg=cache_cfg, loss_cfg=loss_cfg, stage_cfg=stage_cfg, seed=seed,
+                         rows_per_micro=micro_sizes(stage_cfg.batch_size * stage_cfg.n_per_prompt,
+                                                    stage_cfg.grad_accum))
         pools = prompt_pools(replay.dataset, list(stage_cfg.modes), stage_cfg.n_prompts,
                              stage_cfg.max_len)
         grade = TaskGrader(task_cfg)
@@ -769,13 +781,8 @@ def on_policy_stage(name: str, card, teacher_card, *, init: str, teacher_model: 
         data = OnPolicyData(pools=pools, replay=replay, teacher=teacher, tokenizer=tokenizer,
                             grade=grade, stage_cfg=stage_cfg, loss_cfg=loss_cfg, k=cache_cfg.k,
                             seed=seed, counters=counters)
-        model = load_model(ctx.upstream[init], card, device=cfg.trainer.device, dtype="float32")
-        model.train()
-        result = train(model, data.micro_step, stage=ctx.name, steps=stage_cfg.steps,
-                       lr=stage_cfg.lr, warmup_ratio=stage_cfg.warmup_ratio,
-                       grad_accum=stage_cfg.grad_accum, trainer_cfg=cfg.trainer, work_dir=ctx.work,
-                       metrics=ctx.metrics, extra_state=counters)
-        save_model(model, tokenizer, ctx.out)
+        result = _train_from(ctx, init, card, tokenizer, data.micro_step, stage_cfg, cfg,
+                             extra_state=counters)
         active = count_params(card)["flops_params"]
         teacher_active = count_params(teacher_card)["flops_params"]
         # training 6N per token, plus the student's sampling (forward only, KV-cached)

@@ -7,6 +7,8 @@ import json
 
 from omegaconf import OmegaConf
 
+from factory import chat
+from factory.errors import ConfigError
 from factory.evaluation import evaluate, write_eval
 from factory.flops import forward_flops
 from factory.ledger import StageCost
@@ -19,12 +21,19 @@ from students.builders import count_params
 EVAL_FILE = "eval.json"
 
 
+def mode_sampling(card, mode: str) -> dict:
+    """A teacher card's sampling settings for a mode ("think" | "no_think")."""
+    if mode not in chat.MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {chat.MODES}")
+    s = card.thinking if mode == "think" else card.non_thinking
+    return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
+            "max_new_tokens": s.max_new_tokens}
+
+
 def sampling_for(cfg, mode: str) -> dict:
     """The pair's sampling settings for a mode (the teacher card carries Qwen3's), with the
     eval's cap on new tokens."""
-    s = cfg.teacher.thinking if mode == "think" else cfg.teacher.non_thinking
-    return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
-            "max_new_tokens": cfg.pipeline.eval.max_new_tokens}
+    return {**mode_sampling(cfg.teacher, mode), "max_new_tokens": cfg.pipeline.eval.max_new_tokens}
 
 
 def eval_stage(label: str, model_stage: str, card, mode: str, cfg) -> Stage:

@@ -25,6 +25,7 @@ from factory.flops import forward_flops
 from factory.ledger import StageCost
 from factory.pipeline import Stage, StageContext
 from factory.stages.distill import OFFPOLICY_DATA, load_offpolicy_set
+from factory.stages.evaluate import mode_sampling
 from factory.stages.models import card_inputs, tokenizer_for
 from factory.tasks.registry import build_task
 from students.builders import count_params
@@ -33,15 +34,6 @@ from teachers.cache import CacheSpec, CacheWriter
 
 PROVENANCE = "provenance.json"
 _SCORE_CHUNK = 256  # sequences scored per backend call: bounds the rows held before writing
-
-
-def mode_sampling(card, mode: str) -> dict:
-    """The card's sampling settings for a mode ("think" | "no_think")."""
-    if mode not in chat.MODES:
-        raise ConfigError(f"mode {mode!r} is not one of {chat.MODES}")
-    s = card.thinking if mode == "think" else card.non_thinking
-    return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
-            "max_new_tokens": s.max_new_tokens}
 
 
 def _task_inputs(task_cfg) -> dict:

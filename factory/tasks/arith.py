@@ -17,10 +17,10 @@ number of at most two digits times a digit.
 
 Why this shape (measured on this machine; docs/design.md). The tiny teacher learns what each
 line needs in a few thousand steps only when the facts are that small: adding two two-digit
-numbers or a two-digit number to a three-digit one stayed 70-95% wrong after 3,000 steps, and
+numbers or a two-digit number to a three-digit one stayed 40-96% wrong after 3,000 steps, and
 multiplying by two-digit numbers the long way (partial products, then their four-digit sum) was
 worse. The one multiplication is what spreads the answers over about 900 values, where a guesser
-drawing from the answer distribution reaches Pass@64 of 0.12 and Pass@1 of 0.002
+drawing from the answer distribution reaches Pass@64 of 0.11-0.12 and Pass@1 of 0.002
 (`guess_baseline`; the eval reports it): with answers in 0-99 it would reach 0.47 (DESIGN.md).
 `max_operand=99` spreads them further (0.08) at the price of two-digit sums.
 
