@@ -42,7 +42,7 @@ main() {
     rc=0
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import torch, transformers, triton, liger_kernel, hydra, omegaconf, factory.losses, factory.sampling, students.builders
+  "$PY" -c "import torch, transformers, triton, liger_kernel, hydra, omegaconf, datasets, factory.losses, factory.sampling, students.builders
 print('imports ok: torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| transformers', transformers.__version__, '| triton', triton.__version__)" \
     || rc=1
   record "install wheels + imports" "$rc" $((SECONDS - t0))
