@@ -85,6 +85,7 @@ class BootstrapConfig:
     sft_examples: int = 0  # verified CoT examples per mode for the bootstrap SFT
     batch_size: int = 64
     lr: float = 3e-3
+    think_ratio: float = 0.5  # share of the bootstrap SFT examples in /think mode
     four_stage: bool = False  # also run the four-stage recipe once it exists
 
 
@@ -149,6 +150,10 @@ class EvalConfig:
     max_new_tokens: int = 256
     thinking_budget: Optional[int] = None
     batch_size: int = 512  # sequences sampled per sampler call
+    # tasks evaluated besides the run's own `task`, each a full task card: an overlay composes
+    # them from conf/task/ (`- /task@pipeline.eval.tasks.aime24: aime24` in its defaults; on the
+    # command line `+task@pipeline.eval.tasks.aime24=aime24`), so each keeps its own path/n_test
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -318,7 +323,7 @@ class TrainerConfig:
     name: str = "cpu"
     device: str = "cpu"  # cpu | cuda
     precision: str = "no"  # accelerate mixed precision: no | bf16 | fp16
-    num_threads: int = 0  # torch intra-op threads on CPU (0: all cores)
+    num_threads: int = 0  # torch intra-op threads on CPU (0: all cores; -1: auto, the idle cores)
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 200
@@ -326,6 +331,18 @@ class TrainerConfig:
     progress: bool = True
     device_peak_tflops: float = 0.0  # for MFU; 0: unknown
     h100_utilization: float = 0.4  # the stated utilisation for projected H100-hours
+    # the accelerate config the stages are launched with (`accelerate launch --config_file`): a
+    # name in conf/accelerate/ or a path; null: one process. The dry run reads its device count,
+    # sharding and activation checkpointing from it (factory/dry_run.py)
+    accelerate_config: Optional[str] = None
+    # guarded numerics (factory/guards.py): a step whose loss or gradient norm is NaN/inf, or
+    # whose loss exceeds loss_spike_factor x the running median loss, is never applied: "stop"
+    # raises naming the step (the last good checkpoint is kept), "skip" drops it and goes on
+    on_nonfinite: str = "stop"  # stop | skip
+    loss_spike_factor: float = 0.0  # 0: off; else > 1
+    # preflight (factory/preflight.py): refuse, before any compute, a run whose estimated memory
+    # (weights, gradients, AdamW states from the cards) exceeds what the device has free
+    check_memory: bool = True
 
 
 @dataclass

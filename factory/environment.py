@@ -5,6 +5,7 @@ had uncommitted changes), and the start time. Reproducing a number starts here."
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -15,6 +16,25 @@ import torch
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "hydra-core", "liger-kernel",
             "compact-factory")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_threads(requested: int, processes: int = 1) -> int | None:
+    """torch's intra-op threads for `trainer.num_threads`: n > 0 as given; 0 every core (None:
+    leave torch's default); -1 ("auto") the cores this process's share of the machine leaves
+    idle by the 1-minute load average, at least 1. Measured here (docs/benchmarks.md): on an
+    idle 2-core machine two threads train the tiny teacher 1.6x faster than one, but with
+    another busy process they make single ops up to 250x slower, so auto backs off to one
+    thread when the other core is taken."""
+    if requested > 0:
+        return requested
+    if requested == 0:
+        return None
+    if requested != -1:
+        raise ValueError(f"trainer.num_threads must be -1 (auto), 0 (all cores) or a positive "
+                         f"count, got {requested}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    idle = int((cores or 1) - os.getloadavg()[0] + 0.5)
+    return max(1, min(idle, cores or 1) // max(processes, 1))
 
 
 def _version(package: str) -> str:

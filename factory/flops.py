@@ -36,3 +36,18 @@ def weights_bytes(total_params: int, dtype: str) -> float:
     if dtype not in BYTES_PER_PARAM:
         raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(BYTES_PER_PARAM)}")
     return total_params * BYTES_PER_PARAM[dtype]
+
+
+# Dense bf16 tensor-core peak of an H100 SXM, no sparsity (REFERENCE.md "Cost anchors"). The
+# report's projection (reports/tables.py) uses the same number; reports never import factory, so
+# tests/unit/test_dry_run.py checks that the two agree.
+H100_PEAK_FLOPS = 989e12
+
+
+def projected_h100_hours(flops: float, utilization: float) -> float:
+    """H100-hours for `flops` at `utilization` of the dense bf16 peak (trainer.h100_utilization):
+    a projection, not a measurement (DESIGN.md "Cost ledger")."""
+    if not 0 < utilization <= 1:
+        raise ConfigError(f"trainer.h100_utilization must be in (0, 1], got {utilization}; "
+                          f"well-tuned 8-14B training reaches 0.35-0.40 (REFERENCE.md)")
+    return flops / (H100_PEAK_FLOPS * utilization) / 3600

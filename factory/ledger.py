@@ -44,21 +44,27 @@ class LedgerEntry:
 
 
 def current_device() -> tuple[str, int]:
-    """(device kind, count) the process computes on: GPUs by name, else CPU cores in use."""
+    """(device kind, count) the run computes on, all its processes together: GPUs by name, else
+    CPU cores in use (torch threads per process x processes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         return torch.cuda.get_device_name(0), world
-    return "cpu", torch.get_num_threads()
+    return "cpu", torch.get_num_threads() * world
 
 
 class Ledger:
-    def __init__(self, run_dir: Path):
+    """The run's entries; `write=False` keeps them in memory only (a multi-process run's other
+    ranks: rank 0 writes ledger.json)."""
+
+    def __init__(self, run_dir: Path, write: bool = True):
         self.path = Path(run_dir) / "ledger.json"
+        self.write = write
         self.entries: list[LedgerEntry] = []
 
     def add(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)
-        self.save()
+        if self.write:
+            self.save()
 
     def save(self) -> None:
         total = lambda attr: sum(getattr(e, attr) for e in self.entries)  # noqa: E731

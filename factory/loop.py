@@ -14,12 +14,21 @@ Conventions a stage must follow:
   so a resumed run sees the same batches as an uninterrupted one. `current_rank()` gives the
   process index and count, for a stage that shards its data across processes, and
   `current_device()` the device to put the batch on (the model may be wrapped by DDP/FSDP).
-- **The loss is already normalised for the whole optimizer step.** The loop sums the gradients
-  of the `grad_accum` micro-batches without dividing: a per-token loss divides each
-  micro-batch's token sum by the step's token count on this rank (all micro-batches together),
-  so `grad_accum=4` x batch b gives the update of `grad_accum=1` x batch 4b, including when
-  micro-batches hold different numbers of tokens. The logged loss is the sum over
-  micro-batches, i.e. the step's loss. Across processes DDP/FSDP average the gradients.
+  A sharding stage draws the step's *global* micro-batch on every rank and trains on its rows
+  ``rank::world`` (factory/processes.py), so the global batch does not depend on the world size.
+- **The loss is already normalised for the whole optimizer step, over all ranks.** The loop
+  sums the gradients of the `grad_accum` micro-batches without dividing, and DDP/FSDP average
+  them over the `world` ranks. So a per-token loss divides each micro-batch's token sum by the
+  token count of the whole step on all ranks together (every micro-batch, every rank's shard)
+  and multiplies it by `world`: the averaged gradient is then exactly the gradient of the
+  per-token mean over the global step, and `grad_accum=4` x batch b on `world=2` ranks gives
+  the update of `grad_accum=1` x batch 8b on one process, including when micro-batches and
+  shards hold different numbers of tokens. (A stage whose ranks all train on the same rows,
+  unsharded, normalises by its own count: the average of identical gradients is that gradient.)
+  The logged loss is the sum over micro-batches averaged over ranks, i.e. the step's loss.
+- **Stage metrics are averaged over the step's micro-batches and over ranks.** A per-token
+  metric reports its micro-batch sum x grad_accum x world / the step's global token count, so
+  that average is the exact per-token mean of the global step.
 
 Checkpoint layout (`work_dir/checkpoint/`, written by `accelerator.save_state`, so FSDP shards
 and per-process RNG states are handled by accelerate): `model.safetensors`, `optimizer.bin`,
@@ -32,6 +41,7 @@ is written to `checkpoint.tmp/` and renamed into place, so `checkpoint/` is alwa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -46,12 +56,18 @@ from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from factory.config import TrainerConfig
+from factory import faults
 from factory.errors import ArtifactError, ConfigError, NonFiniteError
+from factory.guards import StepGuard
 from factory.metrics import MetricsLogger
+from factory.store import verify_checksums, write_checksums
+from factory.processes import Rank, current_device, current_rank  # noqa: F401 (re-exported for stages)
 
 CHECKPOINT = "checkpoint"
 _TMP = "checkpoint.tmp"  # a checkpoint being written; a leftover one is from a killed write
 _OLD = "checkpoint.old"  # the previous checkpoint during the swap (see _publish)
+
+log = logging.getLogger(__name__)
 
 MIN_LR_RATIO = 0.1  # the cosine ends at 10% of the peak learning rate
 ADAMW_BETAS = (0.9, 0.95)
@@ -91,23 +107,6 @@ class TrainResult:
     resumed_from: int  # completed steps found in the checkpoint (0: a fresh start)
 
 
-@dataclass(frozen=True)
-class Rank:
-    index: int  # this process's index, 0..world-1
-    world: int  # number of training processes
-
-
-def current_rank() -> Rank:
-    """The process index and count of this training run (0 and 1 without `accelerate launch`)."""
-    state = PartialState()
-    return Rank(state.process_index, state.num_processes)
-
-
-def current_device() -> torch.device:
-    """The device this process trains on: where a micro_step puts its batch."""
-    return PartialState().device
-
-
 def warmup_steps(steps: int, warmup_ratio: float) -> int:
     return min(steps, math.ceil(warmup_ratio * steps))
 
@@ -133,6 +132,9 @@ class _LoopState:
         self.stage, self.steps = stage, steps
         self.step, self.tokens, self.wall_s = 0, 0, 0.0
         self.last_metrics: dict[str, float] = {}
+        # the step guard's memory (factory/guards.py)
+        self.recent_losses: list[float] = []
+        self.skipped, self.consecutive_skips = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -167,10 +169,13 @@ def train(
     Resumes from `work_dir/checkpoint` when it exists; checkpoints every
     `trainer_cfg.checkpoint_every` steps (0: only at the end) and after the last step. The
     model is trained in place. On CPU in fp32 a resumed run ends with exactly the weights of an
-    uninterrupted one. Raises NonFiniteError, before the optimizer step and without writing a
-    checkpoint, when the loss or the gradient norm is NaN or inf (except fp16's overflowing
-    gradients, whose update the loss scaler skips). accelerate keeps one AcceleratorState per
-    process, so every call in a process must use the same precision and device.
+    uninterrupted one. A step whose loss or gradient norm is NaN or inf (except fp16's
+    overflowing gradients, whose update the loss scaler skips), or whose loss spikes, stops the
+    stage with NonFiniteError before its update or is skipped, by `trainer_cfg.on_nonfinite`
+    (factory/guards.py); weights that are not finite are never checkpointed (NonFiniteError
+    again), so the checkpoint in `work_dir` is always the last good one. accelerate keeps one
+    AcceleratorState per process, so every call in a process must use the same precision and
+    device.
     """
     if grad_accum < 1 or steps < 0:
         raise ConfigError(f"stage {stage!r}: grad_accum must be >= 1 and steps >= 0, "
@@ -205,6 +210,8 @@ def train(
     if ckpt_dir is not None:
         accelerator.load_state(str(ckpt_dir))
     resumed_from = state.step
+    last_checkpoint = resumed_from  # the step of the checkpoint in work_dir (0: none)
+    guard = StepGuard(trainer_cfg, state)
 
     clip = trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else math.inf
     model.train()
@@ -245,20 +252,31 @@ def train(
                 accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
             )
             step_lr = scheduler.get_last_lr()[0]
+            # ---- guarded numerics (factory/guards.py): a bad step is never applied ----
             # fp16's loss scaler expects the occasional inf gradient and skips that update
             fp16_overflow = accelerator.scaler is not None and math.isfinite(loss)
-            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not fp16_overflow):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
+            problem = guard.problem(loss, grad_norm, fp16_overflow)
+            if problem is not None and (trainer_cfg.on_nonfinite == "stop" or not guard.skip()):
+                why = ("" if trainer_cfg.on_nonfinite == "stop" else
+                       f" ({state.consecutive_skips} bad steps in a row with "
+                       f"trainer.on_nonfinite=skip: the run has diverged)")
                 raise NonFiniteError(
-                    f"stage {stage!r}: non-finite {what} at step {step} of {steps} "
-                    f"(loss={loss}, grad_norm={grad_norm}, lr={step_lr:.3g}); "
-                    f"no update was applied and the last good checkpoint "
-                    f"(step {state.step}) is kept in {work_dir / CHECKPOINT}. Lower the "
-                    f"learning rate, train in fp32 or bf16, or check the stage's loss inputs."
+                    f"stage {stage!r}: {problem} at step {step} of {steps} (loss={loss}, "
+                    f"grad_norm={grad_norm}, lr={step_lr:.3g}){why}; "
+                    f"no update was applied and {_kept(work_dir, last_checkpoint)}. Lower the "
+                    f"learning rate, train in fp32 or bf16, check the stage's loss inputs, or "
+                    f"set trainer.on_nonfinite=skip to drop such steps."
                 )
-            optimizer.step()
+            if problem is None:
+                guard.accept(loss)
+                optimizer.step()
+            else:
+                log.warning("stage %r: skipped step %d of %d: %s (loss=%s, grad_norm=%s; "
+                            "trainer.on_nonfinite=skip, %d skipped so far)", stage, step, steps,
+                            problem, loss, grad_norm, state.skipped)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # ---- end of the guard ----
 
             state.step = step
             state.tokens += step_tokens
@@ -269,8 +287,11 @@ def train(
                 "lr": step_lr,
                 "grad_norm": grad_norm,
                 "tokens": state.tokens,
-                **{k: v / grad_accum for k, v in stage_sums.items()},
+                **_mean_over_ranks(accelerator,
+                                   {k: v / grad_accum for k, v in stage_sums.items()}),
             }
+            if state.skipped:
+                state.last_metrics["skipped_steps"] = state.skipped
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tok_s_run:.3g}", refresh=False)
             last = step == steps
@@ -283,7 +304,10 @@ def train(
             ckpt_every = trainer_cfg.checkpoint_every
             if last or (ckpt_every > 0 and step % ckpt_every == 0):
                 state.wall_s = wall_before + (time.perf_counter() - t_start)
+                _check_finite_weights(accelerator, model, stage, step, work_dir, last_checkpoint)
                 _save_checkpoint(accelerator, work_dir)
+                last_checkpoint = step
+                faults.point("checkpoint")  # FACTORY_KILL_AT test hook (factory/faults.py)
     finally:
         bar.close()
 
@@ -301,10 +325,14 @@ def train(
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     """Write a Hugging Face checkpoint (safetensors + tokenizer) to `out_dir`, atomically.
 
-    Call it on the main process with the unwrapped model. `out_dir` either holds the complete
-    new checkpoint or what it held before; a killed write leaves only `<out_dir>.tmp`.
+    Call it with the unwrapped model. Only the main process writes (every rank holds the same
+    weights after training); on the others it returns `out_dir` without touching it. `out_dir`
+    either holds the complete new checkpoint or what it held before; a killed write leaves only
+    `<out_dir>.tmp`.
     """
     out_dir = Path(out_dir)
+    if not PartialState().is_main_process:
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -313,6 +341,15 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     _fsync_tree(tmp)
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def _mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each stage metric averaged over the processes (every rank logs the same keys per step)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(t, "mean").tolist()))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -325,13 +362,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _recover_checkpoint(accelerator: Accelerator, work_dir: Path) -> Optional[Path]:
-    """The complete checkpoint to resume from, if any, after undoing an interrupted swap."""
+    """The complete checkpoint to resume from, if any, after undoing an interrupted swap;
+    refused (ArtifactError naming the file) when it does not match its checksums."""
     ckpt, old = work_dir / CHECKPOINT, work_dir / _OLD
     if accelerator.is_main_process:
         if not ckpt.exists() and old.exists():
             os.replace(old, ckpt)  # killed between the two renames of _replace_dir
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(work_dir / _TMP, ignore_errors=True)  # a killed write; never complete
+        if ckpt.exists():
+            verify_checksums(ckpt, "a training checkpoint", f"delete {ckpt} and rerun; the stage "
+                             f"then restarts from its first step")
     accelerator.wait_for_everyone()
     return ckpt if ckpt.exists() else None
 
@@ -345,9 +386,30 @@ def _save_checkpoint(accelerator: Accelerator, work_dir: Path) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_checksums(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, work_dir / CHECKPOINT)
     accelerator.wait_for_everyone()
+
+
+def _kept(work_dir: Path, last_checkpoint: int) -> str:
+    if last_checkpoint == 0:
+        return "no checkpoint was written yet (a rerun starts the stage over)"
+    return f"the last good checkpoint (step {last_checkpoint}) is kept in {work_dir / CHECKPOINT}"
+
+
+def _check_finite_weights(accelerator: Accelerator, model: torch.nn.Module, stage: str,
+                          step: int, work_dir: Path, last_checkpoint: int) -> None:
+    """Raise NonFiniteError rather than checkpoint weights holding NaN or inf (every rank
+    checks its shard; the verdict is summed so all ranks agree)."""
+    flags = [~torch.isfinite(p).all() for p in model.parameters() if p.numel()]
+    bad = torch.stack(flags).sum().float() if flags else torch.zeros(())  # one host sync
+    if accelerator.reduce(bad.to(accelerator.device), "sum").item() == 0:
+        return
+    raise NonFiniteError(
+        f"stage {stage!r}: the weights hold NaN or inf after step {step} (the loss and gradient "
+        f"norm were finite); they were not checkpointed and {_kept(work_dir, last_checkpoint)}. "
+        f"Lower the learning rate or train in fp32.")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -45,6 +45,7 @@ tail floor.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -686,9 +687,10 @@ def fused_dense_jsd(
         cross-entropy term is weighted 0 and so not computed) and liger divides by the number of
         unmasked tokens (at least 1), i.e. ``reduction="mean"``. ``num_tokens`` rescales to a
         global denominator; ``"sum"`` multiplies the count back.
-      * precision (a real difference): liger's JSD log-softmax runs in the *input* dtype. With
-        fp32 hidden states and weights it equals ``divergence`` to rounding; with bf16 inputs it
-        is a bf16 log-softmax, coarser than ``divergence``'s fp32 one.
+      * precision: liger's own JSD takes its log-softmax in the *input* dtype (bf16 inputs: a
+        bf16 log-softmax, ~1e-3 off). This wrapper runs it through ``_liger_fp32_jsd``, which
+        casts each chunk's logits to fp32 first, so like every divergence here the log-softmax
+        is fp32; the logits themselves are the inputs' matmul, as in the plain path.
       * chunking: liger splits the N tokens into ``max(1, N // chunk_size)`` chunks, so a chunk can
         hold up to ``2 * chunk_size - 1`` tokens. ``compiled=True`` torch.compiles the chunk step
         (worth it on GPU; off by default because on CPU it needs a C++ toolchain and compile time).
@@ -697,8 +699,6 @@ def fused_dense_jsd(
     Shapes: ``*_hidden`` ``[B, T, H_s]`` / ``[B, T, H_t]`` (or ``[N, H]``), ``*_weight`` ``[V, H]``,
     mask ``[B, T]``.
     """
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-
     _check_args("jsd", temperature, beta, 0.1, reduction)
     if reduction == "none":
         raise ValueError("fused_dense_jsd supports reduction 'mean' or 'sum', not 'none'")
@@ -709,7 +709,7 @@ def fused_dense_jsd(
         raise ValueError("student and teacher LM heads must have the same vocabulary size")
     mask_n = _flat_mask(mask, lead_shape, student_hidden.device)
     labels_n = torch.where(mask_n, 0, _IGNORE_INDEX)
-    loss = LigerFusedLinearJSDFunction.apply(
+    loss = _liger_fp32_jsd().apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight,
         teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
@@ -729,3 +729,19 @@ def fused_dense_jsd(
     # liger returns sum / max(count, 1); turn that into our reduction, then apply T**2
     count = mask_n.sum().clamp_min(1)
     return loss * (count / _denominator(mask_n, num_tokens, reduction)) * temperature**2
+
+
+@functools.cache
+def _liger_fp32_jsd():
+    """liger-kernel's fused linear JSD with the chunk's logits cast to fp32 before its
+    log-softmax (liger's base class calls the subclass's ``distillation_loss_fn`` per chunk)."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    class _FP32JSD(LigerFusedLinearJSDFunction):
+        @staticmethod
+        def distillation_loss_fn(student_logits, teacher_logits, *args, **kwargs):
+            # fp32 log-softmax: bf16 rounds the log-probs of a large vocabulary to 1/32
+            return LigerFusedLinearJSDFunction.distillation_loss_fn(
+                student_logits.float(), teacher_logits.float(), *args, **kwargs)
+
+    return _FP32JSD

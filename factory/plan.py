@@ -52,7 +52,7 @@ def teacher_group(cfg, plan: Plan) -> None:
         "teacher/sft", card, corpus_task(cfg), "teacher/pretrain", steps=boot.sft_steps,
         batch_size=boot.batch_size, lr=boot.lr, warmup_ratio=pre.warmup_ratio,
         n_examples=boot.sft_examples, max_len=cfg.pipeline.sft.max_len, seed=cfg.seed, cfg=cfg,
-        arm="teacher"))
+        arm="teacher", think_ratio=boot.think_ratio))
     plan.models["teacher"] = ("teacher/sft", card)
     if boot.four_stage:  # the bank's full recipe: the four stages after the bootstrap SFT
         stages = four_stage_stages(cfg, cfg.pipeline.four_stage, card=card, base="teacher/sft",
@@ -110,10 +110,29 @@ def four_stage_group(cfg, plan: Plan) -> None:
         plan.models[label] = (stage.name, cfg.student)
 
 
+def eval_tasks(cfg) -> list:
+    """The tasks every model is evaluated on: the run's task, then `pipeline.eval.tasks` (extra
+    task cards an overlay composes in, e.g. AIME'24 and HumanEval next to MATH-500)."""
+    tasks = [cfg.task]
+    for key, task_cfg in cfg.pipeline.eval.tasks.items():
+        if task_cfg.name in {t.name for t in tasks}:
+            raise ConfigError(f"pipeline.eval.tasks.{key} is task {task_cfg.name!r}, which is "
+                              f"already evaluated (the run's task is {cfg.task.name!r}): drop "
+                              f"one of them")
+        tasks.append(task_cfg)
+    return tasks
+
+
 def eval_group(cfg, plan: Plan) -> None:
+    """Every model of the plan, in every mode, on every eval task. The run's own task keeps
+    the stage names `eval/{label}/{mode}`; an extra task's are `eval/{label}/{task}/{mode}`."""
+    extra = eval_tasks(cfg)[1:]
     for label, (stage_name, card) in plan.models.items():
         for mode in cfg.pipeline.eval.modes:
             plan.stages.append(eval_stage(label, stage_name, card, mode, cfg))
+            for task_cfg in extra:
+                plan.stages.append(eval_stage(label, stage_name, card, mode, cfg, task_cfg,
+                                              name=f"eval/{label}/{task_cfg.name}/{mode}"))
 
 
 GROUPS = {"teacher": teacher_group, "base_student": base_student_group,

@@ -30,6 +30,7 @@ import torch
 from factory import chat
 
 ENTROPY_UPDATES = ("additive", "multiplicative")
+_FORWARD_BLOCK_ELEMENTS = 2**24  # logits per forward chunk of token_logprobs_and_entropy
 
 
 # --------------------------------------------------------------------------------- advantages
@@ -185,15 +186,29 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_nh, weight_vh, targets_n, temperature, chunk_size):
-        n = hidden_nh.shape[0]
+        n, vocab = hidden_nh.shape[0], weight_vh.shape[0]
         logp_n = hidden_nh.new_empty(n, dtype=torch.float32)
         ent_n = hidden_nh.new_empty(n, dtype=torch.float32)
         w = weight_vh.float()
-        for s in range(0, n, chunk_size):
-            z_cv = (hidden_nh[s:s + chunk_size].float() @ w.T) / temperature
-            lp_cv = z_cv.log_softmax(-1)
-            logp_n[s:s + chunk_size] = lp_cv.gather(-1, targets_n[s:s + chunk_size, None])[:, 0]
-            ent_n[s:s + chunk_size] = -(lp_cv.exp() * lp_cv).sum(-1)
+        # The forward keeps only [N] outputs, so its chunks need not be chunk_size rows: two
+        # reused [rows, V] fp32 buffers of at most 2**24 elements (64 MiB each), whatever the
+        # vocabulary. With log p = z - lse and p = e / s, e = exp(z - max), s = sum e:
+        #   H = -sum p log p = lse - sum(e z) / s
+        rows = max(1, min(chunk_size, n, _FORWARD_BLOCK_ELEMENTS // vocab))
+        z_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden_nh.device)
+        e_buf = torch.empty_like(z_buf)
+        for s in range(0, n, rows):
+            h_cd = hidden_nh[s:s + rows].float()
+            z_cv, e_cv = z_buf[:h_cd.shape[0]], e_buf[:h_cd.shape[0]]
+            torch.mm(h_cd, w.T, out=z_cv)
+            if temperature != 1.0:
+                z_cv.div_(temperature)
+            max_c1 = z_cv.amax(-1, keepdim=True)
+            torch.sub(z_cv, max_c1, out=e_cv).exp_()
+            sum_c = e_cv.sum(-1)
+            lse_c = max_c1[:, 0] + sum_c.log()
+            logp_n[s:s + rows] = z_cv.gather(-1, targets_n[s:s + rows, None])[:, 0] - lse_c
+            ent_n[s:s + rows] = lse_c - e_cv.mul_(z_cv).sum(-1) / sum_c
         ctx.save_for_backward(hidden_nh, weight_vh, targets_n)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp_n, ent_n
@@ -243,16 +258,20 @@ def token_logprobs_and_entropy(hidden_nh: torch.Tensor, weight_vh: torch.Tensor,
                                         int(chunk_size))
 
 
-def final_hidden_states(model, input_ids_bt: torch.Tensor,
-                        attention_mask_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def final_hidden_states(model, input_ids_bt: torch.Tensor, attention_mask_bt: torch.Tensor | None,
+                        position_ids_bt: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(final normed hidden states `[B, T, H]`, LM-head weight `[V, H]`) of a causal LM.
 
     The forward goes through `model` itself (so a DDP/accelerate wrapper sees it and autocast
     applies) with `logits_to_keep=1`, which skips the full logits; the last entry of
-    `hidden_states` is the final norm's output, the one the head reads.
+    `hidden_states` is the final norm's output, the one the head reads. Packed rows (several
+    sequences back to back) pass `position_ids_bt` restarting at each sequence and no attention
+    mask: transformers then masks attention block-causally, sequence by sequence.
     """
     out = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt,
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+                position_ids=position_ids_bt, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)
     return out.hidden_states[-1], getattr(model, "module", model).get_output_embeddings().weight
 
 

@@ -2,6 +2,10 @@
 
 With no arguments this is the embedded tiny world on a CPU. Every error a user can cause is a
 FactoryError and is printed as its message alone, before any compute where it can be known.
+
+Under a multi-process launch (`accelerate launch --multi_gpu --num_processes N -m factory.run`,
+or torchrun) every process runs this same entry point: they agree on the run directory before
+Hydra starts, training stages shard their batches, and only rank 0 writes (factory/processes.py).
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from factory.config import register
-from factory.environment import environment
+from factory.dry_run import dry_run
+from factory.environment import cpu_threads, environment
 from factory.errors import FactoryError
 from factory.metrics import MetricsLogger
 from factory.pipeline import Pipeline
 from factory.plan import build_plan
+from factory.preflight import preflight
+from factory.processes import agree_launch_time, init_processes, register_launch_time
 from factory.inspect import describe_pair
 from factory.stages.evaluate import read_eval
 from factory.store import Store, write_json_atomic
@@ -30,27 +37,40 @@ from students.compat import check_pair
 
 log = logging.getLogger("factory")
 register()
+register_launch_time()  # ${launch_time:...} in hydra.run.dir (conf/config.yaml)
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    rank = init_processes(cfg.trainer.device)
+    if not rank.main:  # rank 0 logs for the run; the others' warnings still show
+        logging.getLogger().setLevel(logging.WARNING)
+    if rank.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     check_pair(cfg.student, cfg.teacher)  # before any weight loads
+    if cfg.dry_run:  # the plan, costed from the cards: nothing loads, the store is not touched
+        return dry_run(cfg, run_dir, announce=rank.main)
+    preflight(cfg)  # memory, disk, data, sources: refused before any compute
     info = describe_pair(cfg)
-    write_json_atomic(run_dir / "plan.json", info)
     for role in ("student", "teacher"):
         p = info[role]["params"]
         log.info("%s %s: %d params (%d active), %.3g train FLOPs/token", role, info[role]["name"],
                  p["total"], p["active"], info[role]["flops_per_token"]["train"])
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    threads = cpu_threads(cfg.trainer.num_threads, rank.world) if cfg.trainer.device == "cpu" \
+        else None
+    if threads:
+        torch.set_num_threads(threads)
+        log.info("torch threads: %d (trainer.num_threads=%d)", threads, cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
-    write_json_atomic(run_dir / "env.json", environment())
+    if rank.main:
+        write_json_atomic(run_dir / "plan.json", info)
+        write_json_atomic(run_dir / "env.json", {**environment(), "processes": rank.world})
 
     plan = build_plan(cfg)
     metrics = MetricsLogger(run_dir, cfg.logger, run_name=run_dir.name,
-                            config_dict=OmegaConf.to_container(cfg, resolve=True))
+                            config_dict=OmegaConf.to_container(cfg, resolve=True),
+                            enabled=rank.main)
     pipeline = Pipeline(Store(cfg.artifacts_dir), run_dir, metrics)
     try:
         for stage in plan.stages:
@@ -58,26 +78,33 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     finally:
         metrics.close()
 
-    evals = {}
-    (run_dir / "eval").mkdir(exist_ok=True)
-    for name, artifact in pipeline.artifacts.items():
-        if artifact.kind == "eval":
-            evals[name] = read_eval(artifact)
+    evals = {name: read_eval(a) for name, a in pipeline.artifacts.items() if a.kind == "eval"}
+    summary = summarize(evals, pipeline.ledger)  # the same on every rank: rank 0's ledger
+    if rank.main:
+        (run_dir / "eval").mkdir(exist_ok=True)
+        for name in evals:
             label = name.removeprefix("eval/").replace("/", "-")
-            shutil.copyfile(artifact.path / "eval.json", run_dir / "eval" / f"{label}.json")
-    summary = summarize(evals, pipeline.ledger)
-    write_json_atomic(run_dir / "summary.json", summary)
-    print(format_table(summary))
+            shutil.copyfile(pipeline.artifacts[name].path / "eval.json",
+                            run_dir / "eval" / f"{label}.json")
+        write_json_atomic(run_dir / "summary.json", summary)
+        print(format_table(summary))
     return summary
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except FactoryError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """`python -m factory.run`: the processes of a launch take one launch time (so Hydra gives
+    them one run directory), then Hydra composes the config and calls `run`."""
+    agree_launch_time()
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@ from factory.ledger import Ledger
 
 
 def summarize(evals: dict[str, dict], ledger: Ledger) -> dict:
+    """Rows are models; a run evaluated on several tasks (pipeline.eval.tasks) has one row per
+    model and task, labelled `model (task)`."""
     rows: dict[str, dict] = defaultdict(dict)
     guess = None
+    several = len({r.get("task") for r in evals.values()}) > 1
     for result in evals.values():
-        rows[result["model"]][result["mode"]] = {
+        label = f"{result['model']} ({result['task']})" if several else result["model"]
+        rows[label][result["mode"]] = {
             "pass@1": result["pass@1"],
             "pass@k": {int(k): v for k, v in result["pass@k"].items()},
             "think_follow": result["think_follow"],
@@ -36,8 +40,9 @@ def summarize(evals: dict[str, dict], ledger: Ledger) -> dict:
 def format_table(summary: dict) -> str:
     lines = []
     modes = sorted({m for r in summary["models"].values() for m in r}, reverse=True)
-    header = f"{'model':<12}" + "".join(f"{m + ' pass@1':>16}{m + ' pass@k':>18}{'follow':>8}"
-                                         for m in modes)
+    width = max([12, *(len(model) for model in summary["models"])])
+    header = f"{'model':<{width}}" + "".join(
+        f"{m + ' pass@1':>16}{m + ' pass@k':>18}{'follow':>8}" for m in modes)
     lines += [header, "-" * len(header)]
     for model, by_mode in summary["models"].items():
         cells = ""
@@ -49,7 +54,7 @@ def format_table(summary: dict) -> str:
             k = max(r["pass@k"])
             cells += f"{r['pass@1']:>16.3f}{r['pass@k'][k]:>13.3f} (k={k:<2})" \
                      f"{r['think_follow']:>8.2f}"
-        lines.append(f"{model:<12}{cells}")
+        lines.append(f"{model:<{width}}{cells}")
     if summary.get("guess_baseline") is not None:
         g = summary["guess_baseline"]
         lines.append(f"guessing baseline (answers drawn from the train answer distribution): "

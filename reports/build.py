@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from factory import faults
 from reports import plots, tables
 from reports.artifacts import (ReportError, Run, is_run, is_sweep, load_run, made_cost,
                                sweep_run_dirs, write_atomic)
@@ -251,11 +252,16 @@ def _environment(doc: Document, runs: list[Run]) -> None:
 
 
 def _git_revision(runs: list[Run]) -> str | None:
+    """The revision env.json recorded (factory/environment.py: git_revision, git_dirty), marked
+    when the tree had uncommitted changes; else any git-named config value."""
     for run in runs:
-        for source in (run.environment, tables.flatten(run.config)):
-            for k, v in source.items():
-                if "git" in k.lower() and v:
-                    return str(v)
+        revision = run.environment.get("git_revision")
+        if revision:
+            dirty = run.environment.get("git_dirty")
+            return f"{revision} (with uncommitted changes)" if dirty else str(revision)
+        for k, v in tables.flatten(run.config).items():
+            if "git" in k.lower() and v:
+                return str(v)
     return None
 
 
@@ -344,6 +350,7 @@ def build_sweep(path: str | Path, rank_by: str | None = None) -> list[Path]:
 
 def _write(doc: Document, root: Path) -> Path:
     write_atomic(root / "report.md", doc.markdown())
+    faults.point("md", stage="report")  # FACTORY_KILL_AT test hook (factory/faults.py)
     write_atomic(root / "report.html", doc.html(root))
     return root / "report.md"
 

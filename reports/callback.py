@@ -5,11 +5,16 @@ Training never calls report code (STYLE.md 10): Hydra calls this after the task 
 returned, and it reads only the files the run wrote. A report that fails to build logs a warning
 and returns: it never raises into Hydra and never deletes or rewrites anything but the report
 files (written under temporary names and renamed), so the run's artifacts are never lost.
+
+In a multi-process launch every process runs Hydra and so this callback; only rank 0 builds
+(it is the process that wrote the run's files), read from the launcher's RANK variable since
+reports never import the training code.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +29,20 @@ class ReportCallback(Callback):
         self.rank_by = rank_by
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "dry_run"):  # a plan (dry_run.json), no results to report
+            return
         run_dir = OmegaConf.select(config, "hydra.runtime.output_dir")
         self._build("run", run_dir, lambda build: build.build_run(run_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "dry_run"):
+            return
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
         self._build("sweep", sweep_dir, lambda build: build.build_sweep(sweep_dir, self.rank_by))
 
     def _build(self, what: str, directory, make) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # another rank of a multi-process launch
+            return
         try:
             if directory is None:
                 raise ValueError("the Hydra config names no output directory")

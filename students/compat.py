@@ -45,8 +45,8 @@ def check_pair(student, teacher, conf_dir: Path | None = CONF_DIR) -> None:
     found = mismatches(student, teacher)
     if not found:
         return
-    teachers = [c.name for c in _cards(conf_dir, "teacher") if not mismatches(student, c)]
-    students = [c.name for c in _cards(conf_dir, "student") if not mismatches(c, teacher)]
+    teachers = [c.name for c in cards(conf_dir, "teacher") if not mismatches(student, c)]
+    students = [c.name for c in cards(conf_dir, "student") if not mismatches(c, teacher)]
     fixes = []
     if teachers:
         fixes.append(
@@ -59,7 +59,7 @@ def check_pair(student, teacher, conf_dir: Path | None = CONF_DIR) -> None:
     raise CompatibilityError("; ".join(found) + f": {fix}")
 
 
-def _cards(conf_dir: Path | None, group: str) -> list:
+def cards(conf_dir: Path | None, group: str) -> list:
     """Every card of `group` in conf_dir, merged onto its schema (defaults filled in)."""
     if conf_dir is None or not (Path(conf_dir) / group).is_dir():
         return []

@@ -69,6 +69,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
+from factory import faults
 from factory.errors import ArtifactError, ConfigError
 from factory.store import file_sha256, write_json_atomic
 
@@ -541,6 +542,7 @@ class CacheWriter:
         self._shards.append({"file": meta["file"], "tokens": n, "bytes": meta["bytes"],
                              "sha256": meta["sha256"]})
         self._fill = 0
+        faults.point("shard")  # FACTORY_KILL_AT test hook: a shard written, no manifest yet
 
     def close(self) -> dict:
         """Flush the last shard, write the sequence index and then the manifest; return it."""

@@ -25,9 +25,18 @@ states, and every loss walks the loss tokens through the LM head in chunks
 (``factory.losses.fused_sparse_divergence``, ``factory.rl.token_logprobs_and_entropy``).
 
 Normalisation (factory/loop.py): a micro-batch's loss is its sum over loss tokens divided by the
-loss-token count of the whole optimizer step on this rank, so micro-batches of different lengths
-add up to the per-token mean of the step. Logged per-token metrics are exact means over the step
-(each micro-batch reports its sum times grad_accum / step tokens; the loop averages them).
+loss-token count of the whole optimizer step on all ranks, times the world size (DDP averages the
+ranks' gradients), so micro-batches and shards of different lengths add up to the per-token mean
+of the global step. Logged per-token metrics are exact means over the step (each micro-batch
+reports its sum times grad_accum x world / step tokens; the loop averages them over micro-batches
+and ranks).
+
+Multi-process runs (factory/processes.py): both stages shard. Off-policy, every rank draws the
+step's global rows and trains on rows ``rank::world``, so N processes give exactly the update of
+one with the same batch_size. On-policy, every rank draws the step's global prompts, samples and
+has the teacher score its share ``rank::world`` with its own random stream, and the step's
+loss-token count is summed over ranks: the same global batch, but not the same samples as one
+process (the streams differ).
 
 Determinism: every random draw is a pure function of (seed, step, micro, rank), and on-policy
 samples come from the weights at the start of the step, which a checkpoint restores exactly; so
@@ -52,6 +61,7 @@ from factory.errors import ArtifactError, ConfigError
 from factory.flops import forward_flops, train_flops
 from factory.ledger import StageCost
 from factory.loop import StepOutput, current_device, current_rank, save_model, train
+from factory.processes import all_sum, check_shardable, shard
 from factory.losses import KINDS, fused_sparse_divergence, sampled_forward_kl
 from factory.models import load_model
 from factory.pipeline import Stage, StageContext
@@ -100,50 +110,81 @@ def micro_sizes(total: int, parts: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches: sequences -> one padded student forward and the tokens that take loss
+# Batches: sequences -> one student forward (packed rows) and the tokens that take loss
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Packed:
-    """Right-padded sequences for one student forward, and the tokens that take loss (n of them).
+    """Sequences laid into rows for one student forward, and the tokens that take loss (n of them).
 
-    Loss token j is ``input_ids_bl[row_n[j], pos_n[j] + 1] == target_n[j]``, predicted by the
-    hidden state at ``(row_n[j], pos_n[j])``.
+    A row holds one right-padded sequence, or several back to back (``pack``). Loss token j is
+    ``input_ids_bl[row_n[j], pos_n[j] + 1] == target_n[j]``, predicted by the hidden state at
+    ``(row_n[j], pos_n[j])``. ``position_ids_bl`` is set only when some row holds two or more
+    sequences: positions restart at 0 at each sequence, and the forward then gets no attention
+    mask, from which transformers builds a block-causal one (no sequence sees another).
     """
 
     input_ids_bl: torch.Tensor
-    attention_mask_bl: torch.Tensor
+    attention_mask_bl: torch.Tensor  # 1 at real tokens, 0 at the padding that ends a row
     row_n: torch.Tensor
     pos_n: torch.Tensor
     target_n: torch.Tensor
+    position_ids_bl: torch.Tensor | None = None
 
     def to(self, device) -> "Packed":
-        return Packed(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return Packed(*(None if (t := getattr(self, f.name)) is None else t.to(device)
+                        for f in fields(self)))
 
 
 def pack(sequences: list[list[int]], starts: list[int], offsets: list[list[int]],
          pad_id: int) -> Packed:
-    """Right-pad `sequences` (positions stay 0..len-1) and list their loss tokens.
+    """Lay `sequences` into right-padded rows and list their loss tokens (in sequence order).
 
     `offsets[i]` holds the response offsets t of sequence i that take loss: the token
     ``sequences[i][starts[i] + t]``, predicted at position ``starts[i] + t - 1``. Every start must
     be >= 1 (a rendered prompt has at least one token).
+
+    Rows are filled first-fit in order of decreasing length, none longer than the longest
+    sequence: the forward never computes a wider row (nor a larger attention block) than plain
+    right padding, and sequences of varied lengths (teacher responses, on-policy samples that
+    stop early) share rows instead of padding to the longest. When no two sequences fit one row
+    this is plain right padding, sequence i in row i with positions 0..len-1.
     """
-    width = max(len(s) for s in sequences)
-    ids_bl = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask_bl = torch.zeros((len(sequences), width), dtype=torch.long)
-    rows, positions = [], []
-    for i, (seq, start, offs) in enumerate(zip(sequences, starts, offsets)):
+    for i, start in enumerate(starts):
         if start < 1:
             raise ValueError(f"sequence {i}: the response must follow at least one prompt token")
-        ids_bl[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask_bl[i, : len(seq)] = 1
-        rows.extend([i] * len(offs))
-        positions.extend(start + t - 1 for t in offs)
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    row_of, col_of, fill = [0] * len(sequences), [0] * len(sequences), []
+    for i in sorted(range(len(sequences)), key=lambda i: -lengths[i]):  # stable: ties keep order
+        r = next((r for r, used in enumerate(fill) if used + lengths[i] <= width), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row_of[i], col_of[i] = r, fill[r]
+        fill[r] += lengths[i]
+    packed = len(fill) < len(sequences)
+    if not packed:
+        row_of, col_of = list(range(len(sequences))), [0] * len(sequences)
+    n_rows = len(fill) if packed else len(sequences)
+    ids_bl = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    mask_bl = torch.zeros_like(ids_bl)
+    pos_bl = torch.zeros_like(ids_bl) if packed else None
+    rows, positions = [], []
+    for i, (seq, start, offs) in enumerate(zip(sequences, starts, offsets)):
+        r, a, n = row_of[i], col_of[i], lengths[i]
+        ids_bl[r, a:a + n] = torch.tensor(seq, dtype=torch.long)
+        mask_bl[r, a:a + n] = 1
+        if packed:
+            # positions restart per sequence; the row's padding continues its last sequence's
+            # count, so it forms no sequence of its own (and, being last, no real token sees it)
+            tail = width if a + n == fill[r] else a + n
+            pos_bl[r, a:tail] = torch.arange(tail - a)
+        rows.extend([r] * len(offs))
+        positions.extend(a + start + t - 1 for t in offs)
     row_n = torch.tensor(rows, dtype=torch.long)
     pos_n = torch.tensor(positions, dtype=torch.long)
-    return Packed(ids_bl, mask_bl, row_n, pos_n, ids_bl[row_n, pos_n + 1])
+    return Packed(ids_bl, mask_bl, row_n, pos_n, ids_bl[row_n, pos_n + 1], pos_bl)
 
 
 def _unwrap(model):
@@ -156,8 +197,12 @@ def response_hidden(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     (``factory.rl.final_hidden_states``: the forward goes through the prepared model, so a
     DDP/FSDP wrapper and accelerate's autocast see it, and the head computes one position per
     row). The hidden states are cast to the head's dtype for the chunked losses."""
-    hidden_blh, weight_vh = final_hidden_states(model, packed.input_ids_bl,
-                                                packed.attention_mask_bl)
+    if packed.position_ids_bl is None:
+        hidden_blh, weight_vh = final_hidden_states(model, packed.input_ids_bl,
+                                                    packed.attention_mask_bl)
+    else:  # several sequences per row: the mask comes from the restarting positions
+        hidden_blh, weight_vh = final_hidden_states(model, packed.input_ids_bl, None,
+                                                    position_ids_bt=packed.position_ids_bl)
     return hidden_blh[packed.row_n, packed.pos_n].to(weight_vh.dtype), weight_vh
 
 
@@ -285,14 +330,18 @@ class CacheReplay:
     """Off-policy micro-batches: rows of the off-policy set with the teacher's cached rows.
 
     Micro-batch `micro` of step `step` holds ``rows_per_micro[micro]`` rows drawn uniformly (with
-    replacement) by ``step_generator(seed, step, micro * world + rank)``: a pure function of the
-    step, so a resumed run replays the same batches, and ranks draw different rows. A row's
-    sequence is cut to `max_len` tokens; its response tokens inside the cut take loss, and rows
-    whose prompt leaves no room are never drawn.
+    replacement) by ``step_generator(seed, step, micro)``: a pure function of the step, so a
+    resumed run replays the same batches. That is the global micro-batch, drawn the same on
+    every rank; each rank trains on its rows ``rank::world``. A row's sequence is cut to
+    `max_len` tokens; its response tokens inside the cut take loss, and rows whose prompt leaves
+    no room are never drawn.
 
-    Loss per micro-batch (module docstring for the normalisation)::
+    Loss per micro-batch on each rank (module docstring for the normalisation)::
 
-        (sum_tokens D(teacher || student) + ce_weight * sum_tokens -log q(x_t)) / step_tokens
+        world * (sum_tokens D(teacher || student) + ce_weight * sum_tokens -log q(x_t))
+              / step_tokens
+
+    the sums over this rank's rows, step_tokens over the global step.
 
     D from ``cache_divergence``, x_t the teacher's token. Metrics: ``divergence``, ``ce`` and
     ``entropy`` (the student's; per-token means over the step), ``response_tokens`` (the step's
@@ -304,6 +353,7 @@ class CacheReplay:
         check_loss_cfg(loss_cfg, reader.spec.mode)
         if not rows_per_micro or min(rows_per_micro) < 1:
             raise ConfigError(f"every micro-batch needs at least one row, got {rows_per_micro}")
+        check_shardable("the off-policy batch", min(rows_per_micro))
         if reader.spec.vocab_size > vocab_size:
             raise ArtifactError(
                 f"logit cache {reader.path} holds ids of a {reader.spec.vocab_size}-token "
@@ -352,14 +402,13 @@ class CacheReplay:
         return len(self.kept) - len(self.eligible)
 
     def rows(self, step: int, micro: int) -> np.ndarray:
-        """The off-policy set rows of a micro-batch (this rank's)."""
-        rank = current_rank()
-        g = step_generator(self.seed, step, micro * rank.world + rank.index)
+        """The off-policy set rows of a global micro-batch (every rank draws the same)."""
+        g = step_generator(self.seed, step, micro)
         picks = torch.randint(0, len(self.eligible), (self.rows_per_micro[micro],), generator=g)
         return self.eligible[picks.numpy()]
 
     def step_tokens(self, step: int) -> int:
-        """Loss tokens of the whole optimizer step on this rank."""
+        """Loss tokens of the whole global optimizer step (every micro-batch, every rank)."""
         micros = range(len(self.rows_per_micro))
         return int(sum(self.kept[self.rows(step, m)].sum() for m in micros))
 
@@ -374,7 +423,8 @@ class CacheReplay:
         return ids_nk[take_n], logprobs_nk[take_n], tail_n[take_n]
 
     def batch_loss(self, model, rows: np.ndarray, num_tokens: int) -> "BatchLoss":
-        """The loss of `rows` normalised by `num_tokens`, and its parts summed over tokens."""
+        """The loss of `rows` normalised by `num_tokens` (unscaled by the world size), and its
+        parts summed over tokens."""
         data = self.dataset[[int(r) for r in rows]]
         kept = self.kept[rows]
         sequences = [(prompt + response)[: self.max_len]
@@ -400,10 +450,12 @@ class CacheReplay:
                          float(ce_sum.detach()), float(entropy_n.detach().sum()))
 
     def micro_step(self, model, step: int, micro: int) -> StepOutput:
+        world = current_rank().world
         step_tokens = self.step_tokens(step)
-        out = self.batch_loss(model, self.rows(step, micro), step_tokens)
-        scale = len(self.rows_per_micro) / max(step_tokens, 1)  # the loop averages micro-batches
-        return StepOutput(loss=out.loss, tokens=out.tokens, metrics={
+        out = self.batch_loss(model, shard(self.rows(step, micro)), step_tokens)
+        # the loop averages micro-batches and ranks
+        scale = len(self.rows_per_micro) * world / max(step_tokens, 1)
+        return StepOutput(loss=out.loss * world, tokens=out.tokens, metrics={
             "divergence": out.divergence_sum * scale, "ce": out.ce_sum * scale,
             "entropy": out.entropy_sum * scale, "response_tokens": float(step_tokens),
             "response_length": step_tokens / sum(self.rows_per_micro)})
@@ -463,18 +515,19 @@ def prompt_pools(dataset, modes: list[str], n_prompts: int,
 
 @dataclass
 class Rollout:
-    """One on-policy step's samples on this rank, scored by the teacher."""
+    """One on-policy step's samples on this rank, scored by the teacher; the counts are the
+    step's over every rank."""
 
     sequences: list[list[int]]  # prompt + completion, cut to max_len
     starts: list[int]  # prompt lengths: completion token t sits at starts[i] + t
     offsets: list[list[int]]  # completion offsets that take loss (not forced by a budget)
     sampled_logprob: list[torch.Tensor]  # [T_i] log-prob each token was sampled with
     scored: list[ScoredRows]  # the teacher's rows per sequence, T_i each
-    loss_tokens: int  # loss tokens of the whole step
-    response_length: float  # mean sampled completion length (before the max_len cut)
-    correct: float  # share of samples the task's verifier accepts (monitoring only)
-    sampled_tokens: int  # tokens the student generated
-    teacher_tokens: int  # tokens the teacher read to score them
+    loss_tokens: int  # loss tokens of the whole step, all ranks
+    response_length: float  # mean sampled completion length on this rank (before the cut)
+    correct: float  # share of this rank's samples the verifier accepts (monitoring only)
+    sampled_tokens: int  # tokens the student generated, all ranks
+    teacher_tokens: int  # tokens the teacher read to score them, all ranks
 
 
 @dataclass
@@ -544,6 +597,15 @@ class OnPolicyData:
                  tokenizer, grade: Callable[[list[Prompt], list[str]], list[bool]], stage_cfg,
                  loss_cfg, k: int, seed: int, counters: OnPolicyCounters):
         check_on_policy_cfg(stage_cfg)
+        # every rank needs samples for each of its grad_accum micro-batches
+        world = current_rank().world
+        per_process = -(-stage_cfg.grad_accum // stage_cfg.n_per_prompt)  # prompts, rounded up
+        if stage_cfg.batch_size // world < per_process:
+            raise ConfigError(
+                f"pipeline.on_policy: batch_size={stage_cfg.batch_size} prompts shared by {world} "
+                f"processes leave fewer than grad_accum={stage_cfg.grad_accum} samples on a "
+                f"process; raise batch_size to at least {world * per_process}, or launch fewer "
+                f"processes")
         self.pools, self.replay, self._make_teacher = pools, replay, teacher
         self.tokenizer, self.grade, self.cfg, self.loss_cfg = tokenizer, grade, stage_cfg, loss_cfg
         self.k, self.seed, self.counters = k, seed, counters
@@ -558,7 +620,9 @@ class OnPolicyData:
         return self._teacher
 
     def prompts(self, step: int) -> list[Prompt]:
-        g = step_stream(self.seed, step, _PROMPTS, current_rank().index)
+        """The step's global prompts (every rank draws the same): prompt i in mode
+        ``modes[i % len(modes)]``."""
+        g = step_stream(self.seed, step, _PROMPTS)
         out = []
         for i in range(self.cfg.batch_size):
             pool = self.pools[self.modes[i % len(self.modes)]]
@@ -566,9 +630,9 @@ class OnPolicyData:
         return out
 
     def rollout(self, model, step: int) -> Rollout:
-        """Sample this step's completions and have the teacher score them."""
+        """Sample this rank's share of the step's prompts and have the teacher score them."""
         rank = current_rank().index
-        prompts = self.prompts(step)
+        prompts = shard(self.prompts(step))
         max_len, n = self.cfg.max_len, self.cfg.n_per_prompt
         room = max_len - min(len(p.ids) for p in prompts)
         samples = sample(
@@ -596,11 +660,14 @@ class OnPolicyData:
         texts = samples.texts(self.tokenizer)
         verdicts = self.grade([prompts[p] for p in samples.prompt_index], texts)
         lengths = samples.lengths()
+        # the step's counts over every rank: the loss divides by the global loss-token count
+        loss_tokens, sampled_tokens, teacher_tokens = all_sum(
+            [sum(len(o) for o in offsets), sum(lengths), sum(len(s) for s in sequences)])
         return Rollout(
             sequences=sequences, starts=starts, offsets=offsets, sampled_logprob=sampled_logprob,
-            scored=scored, loss_tokens=sum(len(o) for o in offsets),
+            scored=scored, loss_tokens=loss_tokens,
             response_length=float(np.mean(lengths)), correct=float(np.mean(verdicts)),
-            sampled_tokens=int(sum(lengths)), teacher_tokens=sum(len(s) for s in sequences))
+            sampled_tokens=sampled_tokens, teacher_tokens=teacher_tokens)
 
     def _step_rollout(self, model, step: int) -> Rollout:
         if self._rollout is None or self._rollout[0] != step:
@@ -637,6 +704,7 @@ class OnPolicyData:
 
         hidden_nh, weight_vh = response_hidden(model, packed)
         chunk, num_tokens = self.loss_cfg.chunk_size, rollout.loss_tokens
+        world = current_rank().world
         metrics = {}
         topk = self.cfg.estimator == "topk"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not topk):
@@ -645,10 +713,11 @@ class OnPolicyData:
         if topk:
             loss = topk_reverse_kl(hidden_nh, weight_vh, ids_nk, logprobs_nk, tail_n,
                                    num_tokens=num_tokens, chunk_size=chunk)
-            metrics["divergence"] = loss.item() * grad_accum
+            metrics["divergence"] = loss.item() * grad_accum * world
         else:
             loss = sampled_token_loss(logp_student_n, logp_sampled_n, logp_teacher_n, num_tokens)
-        scale = grad_accum / max(num_tokens, 1)
+        loss = loss * world  # normalised by the global count; DDP averages the ranks
+        scale = grad_accum * world / max(num_tokens, 1)
         rkl_sum = (logp_student_n.detach() - logp_teacher_n).sum().item()
         metrics.update({
             "on_policy": 1.0, "rkl": rkl_sum * scale,
@@ -736,7 +805,7 @@ def off_policy_stage(name: str, card, *, base: str, offpolicy_set: str, cache: s
                                 "skipped_rows": replay.skipped_rows})
 
     return Stage(name=name, kind="model", inputs=inputs, build=build,
-                 needs=[base, offpolicy_set, cache], arm=arm)
+                 needs=[base, offpolicy_set, cache], arm=arm, distributed=True)
 
 
 def on_policy_stage(name: str, card, teacher_card, *, init: str, teacher_model: str,
@@ -795,4 +864,4 @@ def on_policy_stage(name: str, card, teacher_card, *, init: str, teacher_model: 
             "teacher_flops": forward_flops(teacher_active, counters.teacher_tokens)})
 
     return Stage(name=name, kind="model", inputs=inputs, build=build,
-                 needs=[init, teacher_model, offpolicy_set, cache], arm=arm)
+                 needs=[init, teacher_model, offpolicy_set, cache], arm=arm, distributed=True)

@@ -12,6 +12,12 @@ the task's train split after the cold start's candidates, so RL never sees a col
 (the report's rule). RL's equations live in factory/rl.py; this module turns them into a
 deterministic `micro_step` for the one training loop (factory/loop.py).
 
+Multi-process runs (factory/processes.py): the SFT stages (cold start, fusion) shard their
+batches like every SFT; fusion's rejection sampling runs on rank 0 and its verified solutions are
+broadcast, so every rank builds the same mix. GRPO does not shard yet: every rank samples, scores
+and trains on the same rows (identical weights and seeds give identical samples on CPU), so the
+averaged gradient is the one-process gradient and the extra ranks add nothing but cost.
+
 GRPO and the loop: a sampled batch serves `passes` consecutive optimizer steps (off-policy
 reuse). Step s works on batch b = (s - 1) // passes; the batch is sampled at its first pass from
 the model as it is then, with a generator seeded by (seed, b). Its old log-probs are recorded
@@ -41,6 +47,7 @@ from factory.errors import ConfigError
 from factory.flops import forward_flops, train_flops
 from factory.ledger import StageCost
 from factory.loop import StepOutput, current_device, save_model, train
+from factory.processes import broadcast, current_rank
 from factory.models import load_model
 from factory.pipeline import Stage, StageContext
 from factory.sampling import sample, token_kwargs
@@ -606,7 +613,8 @@ def cold_start_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg,
                          notes={"steps": result.steps, "resumed_from": result.resumed_from,
                                 "filter": counts})
 
-    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)
+    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm,
+                 distributed=True)
 
 
 def _rl_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg, skip: int, arm: str,
@@ -650,7 +658,8 @@ def _rl_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg, skip: int
                    "scored_tokens": trainer.scored_tokens,
                    "entropy_coef": trainer.controller.coef})
 
-    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)
+    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm,
+                 distributed=True)
 
 
 def grpo_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg, skip: int = 0,
@@ -683,9 +692,13 @@ def fusion_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg, skip: 
         task = build_task(task_cfg)
         problems = rl_pool(task, skip, stage_cfg.n_prompts)
         model = load_model(ctx.upstream[base], card, device=cfg.trainer.device, dtype="float32")
-        verified, sampled = rejection_sample(
-            model, tokenizer, task, problems, n=stage_cfg.samples_per_prompt,
-            sampling=stage_cfg.sampling, batch_size=stage_cfg.sample_batch_size, seed=cfg.seed)
+        verified, sampled = {}, 0
+        if current_rank().main:  # rank 0 samples; every rank trains on the same mix
+            verified, sampled = rejection_sample(
+                model, tokenizer, task, problems, n=stage_cfg.samples_per_prompt,
+                sampling=stage_cfg.sampling, batch_size=stage_cfg.sample_batch_size,
+                seed=cfg.seed)
+        verified, sampled = broadcast((verified, sampled))
         examples, counts = fusion_examples(
             tokenizer, problems, verified, n_examples=stage_cfg.n_examples,
             think_ratio=stage_cfg.think_ratio, multi_turn_ratio=stage_cfg.multi_turn_ratio,
@@ -698,7 +711,8 @@ def fusion_stage(name: str, card, task_cfg, *, base: str, stage_cfg, cfg, skip: 
                          notes={"steps": result.steps, "resumed_from": result.resumed_from,
                                 "sampled_tokens": sampled, "mix": counts})
 
-    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)
+    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm,
+                 distributed=True)
 
 
 STAGE_NAMES = ("cold_start", "reasoning_rl", "fusion", "general_rl")

@@ -1,7 +1,12 @@
 """Stages that make model artifacts: a card's published weights, pretraining from scratch on the
-task corpus (the tiny world's base models), and SFT on verified chain-of-thought data."""
+task corpus (the tiny world's base models), and SFT on verified chain-of-thought data.
+
+Pretraining and SFT are `distributed` stages: in a multi-process run every rank trains on its
+shard of each global batch (factory/stages/lm.py) and rank 0 saves the model."""
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 from omegaconf import OmegaConf
 
@@ -18,7 +23,12 @@ from students.builders import build_model, count_params
 
 
 def card_inputs(card) -> dict:
-    return OmegaConf.to_container(card, resolve=True)
+    """The card as a stage input, without its `bootstrap` recipe: the stages a recipe plans take
+    the knobs they use as inputs of their own, so a change to the SFT steps does not remake the
+    pretrained model."""
+    values = OmegaConf.to_container(card, resolve=True)
+    values.pop("bootstrap", None)
+    return values
 
 
 def tokenizer_for(card):
@@ -63,7 +73,7 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
                          notes={"steps": result.steps, "resumed_from": result.resumed_from})
 
-    return Stage(name=name, kind="model", inputs=inputs, build=build, arm=arm)
+    return Stage(name=name, kind="model", inputs=inputs, build=build, arm=arm, distributed=True)
 
 
 def _corpus_inputs(task_cfg) -> dict:
@@ -72,12 +82,26 @@ def _corpus_inputs(task_cfg) -> dict:
                               "seed", "source", "path")}
 
 
-def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int) -> list[dict]:
-    """Chat-formatted SFT examples from problems with verified reasoning, one per (problem, mode):
-    /think answers with the trace in the think block, /no_think answers with an empty block."""
+def mode_schedule(n: int, modes: tuple[str, ...], think_ratio: float | None = None) -> list[str]:
+    """The mode of each of n examples: `modes` in turn, or, with `think_ratio`, "think" for that
+    share of them spread evenly (example i thinks when (i * ratio) mod 1 < ratio, exactly in
+    rational arithmetic) and "no_think" for the rest. Ratio 0.5 is the alternation."""
+    if think_ratio is None:
+        return [modes[i % len(modes)] for i in range(n)]
+    if not 0.0 <= think_ratio <= 1.0:
+        raise ValueError(f"think_ratio must be in [0, 1], got {think_ratio}")
+    r = Fraction(think_ratio).limit_denominator(1000)
+    return ["think" if (i * r.numerator) % r.denominator < r.numerator else "no_think"
+            for i in range(n)]
+
+
+def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int,
+                 think_ratio: float | None = None) -> list[dict]:
+    """Chat-formatted SFT examples from problems with verified reasoning, one per problem, its
+    mode from `mode_schedule`: /think answers with the trace in the think block, /no_think
+    answers with an empty block."""
     out = []
-    for i, p in enumerate(problems):
-        mode = modes[i % len(modes)]
+    for p, mode in zip(problems, mode_schedule(len(problems), modes, think_ratio)):
         messages = [chat.user_message(p.prompt, mode)]
         out.append(chat.sft_example(tokenizer, messages, p.reasoning, p.answer,
                                     thinking=(mode == "think"), max_len=max_len))
@@ -86,18 +110,20 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int) -
 
 def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: int, lr: float,
               warmup_ratio: float, n_examples: int, max_len: int, seed: int, cfg,
-              arm: str) -> Stage:
-    """SFT of the `base` stage's model on n verified traces of the task's train split, in both
-    modes (alternating), loss on the assistant turn only."""
+              arm: str, think_ratio: float = 0.5) -> Stage:
+    """SFT of the `base` stage's model on n verified traces of the task's train split in both
+    modes (`think_ratio` of them /think, spread evenly), loss on the assistant turn only."""
     inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
               "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
-              "n_examples": n_examples, "max_len": max_len, "seed": seed}
+              "n_examples": n_examples, "max_len": max_len, "seed": seed,
+              "think_ratio": think_ratio}
 
     def build(ctx: StageContext) -> StageCost:
         tokenizer = tokenizer_for(card)
         task = build_task(task_cfg)
         problems = task.problems("train", n_examples)
-        examples = sft_examples(tokenizer, problems, modes=("think", "no_think"), max_len=max_len)
+        examples = sft_examples(tokenizer, problems, modes=("think", "no_think"), max_len=max_len,
+                                think_ratio=think_ratio)
         data = SFTData(examples, batch_size, seed, tokenizer.pad_token_id)
         model = load_model(ctx.upstream[base], card, device=cfg.trainer.device, dtype="float32")
         model.train()
@@ -109,4 +135,5 @@ def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: i
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
                          notes={"steps": result.steps, "resumed_from": result.resumed_from})
 
-    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm)
+    return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm,
+                 distributed=True)

@@ -11,6 +11,9 @@
 
 Both are teacher-side cost: the ledger charges them to the arm that reads them and a report can
 amortise them over the runs that share them (DESIGN.md "Cost ledger").
+
+Neither shards: in a multi-process run rank 0 generates and records alone while the other ranks
+wait for its artifact (plain, not `distributed`, Stages; factory/pipeline.py).
 """
 
 from __future__ import annotations

@@ -172,6 +172,40 @@ def test_pack_predicts_each_response_token_from_the_position_before_it():
         pack([[1, 2]], starts=[0], offsets=[[0]], pad_id=0)
 
 
+def test_pack_shares_rows_between_short_sequences_without_widening_them():
+    seqs = [[10, 11, 12, 13, 14, 15], [20, 21, 22], [30, 31], [40, 41, 42]]
+    packed = pack(seqs, starts=[1, 1, 1, 2], offsets=[[0, 4], [1], [0], [0]], pad_id=0)
+    # first fit by decreasing length into rows of the longest (6): [0], [1, 3], [2]
+    assert packed.input_ids_bl.tolist() == [[10, 11, 12, 13, 14, 15], [20, 21, 22, 40, 41, 42],
+                                            [30, 31, 0, 0, 0, 0]]
+    assert packed.attention_mask_bl.tolist() == [[1] * 6, [1] * 6, [1, 1, 0, 0, 0, 0]]
+    assert packed.position_ids_bl.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2],
+                                               [0, 1, 2, 3, 4, 5]]
+    # loss tokens stay in sequence order (the teacher rows are concatenated in that order)
+    assert packed.target_n.tolist() == [11, 15, 22, 31, 42]
+    assert packed.row_n.tolist() == [0, 0, 1, 2, 1]
+
+
+def test_packed_rows_give_each_sequence_the_hidden_states_of_its_own_forward():
+    """Sequences sharing a row must not see each other: the block-causal mask transformers
+    builds from the restarting positions (no attention mask) is what keeps them apart."""
+    from factory.stages.distill import response_hidden
+    from students.builders import build_model
+
+    torch.manual_seed(0)
+    model = build_model(compose([]).student, init="scratch").eval()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (9, 4, 5, 3, 6)]
+    offsets = [list(range(len(s) - 1)) for s in seqs]
+    packed = pack(seqs, starts=[1] * len(seqs), offsets=offsets, pad_id=0)
+    assert packed.position_ids_bl is not None and packed.input_ids_bl.shape[0] < len(seqs)
+    with torch.no_grad():
+        got, _ = response_hidden(model, packed)
+        want = torch.cat([response_hidden(model, pack([s], [1], [o], pad_id=0))[0]
+                          for s, o in zip(seqs, offsets)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["pipeline.on_policy.estimator=exact"], "estimator='exact'"),
     (["pipeline.on_policy.gkd_lambda=1.5"], "gkd_lambda"),
