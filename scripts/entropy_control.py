@@ -31,6 +31,7 @@ def run_arm(overrides: list[str], store: Path, run_dir: Path, saved: Path) -> li
     also written to `saved`, and read back from there when the store already has the stage."""
     import torch
 
+    from factory.environment import cpu_threads
     from factory.inspect import compose
     from factory.metrics import MetricsLogger
     from factory.pipeline import Pipeline
@@ -38,8 +39,9 @@ def run_arm(overrides: list[str], store: Path, run_dir: Path, saved: Path) -> li
     from factory.store import Store
 
     cfg = compose(overrides + [f"artifacts_dir={store}"])
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    threads = cpu_threads(cfg.trainer.num_threads)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     plan = build_plan(cfg)
     names = [s.name for s in plan.stages]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from factory.config import TrainerConfig
 from factory.errors import ArtifactError
@@ -28,16 +27,9 @@ from factory.models import load_model
 from factory.pipeline import Pipeline, Stage
 from factory.store import MANIFEST, Store, _HOST
 
+from tiny_lm import VOCAB, tiny_model
+
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
-
-VOCAB = 64
-
-
-def tiny_model() -> Qwen3ForCausalLM:
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                        intermediate_size=32))
 
 
 def flip_a_bit(path: Path) -> None:

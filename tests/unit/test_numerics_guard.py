@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from factory.config import LoggerConfig, TrainerConfig
 from factory.errors import ConfigError, NonFiniteError
@@ -24,16 +23,9 @@ from factory.guards import MAX_CONSECUTIVE_SKIPS, SPIKE_MIN_HISTORY
 from factory.loop import StepOutput, train
 from factory.metrics import MetricsLogger
 
+from tiny_lm import VOCAB, tiny_model
+
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
-
-VOCAB = 64
-
-
-def tiny_model() -> Qwen3ForCausalLM:
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                        intermediate_size=32))
 
 
 class NaNGrad(torch.autograd.Function):
