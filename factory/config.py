@@ -86,6 +86,9 @@ class BootstrapConfig:
     batch_size: int = 64
     lr: float = 3e-3
     think_ratio: float = 0.5  # share of the bootstrap SFT examples in /think mode
+    # share of the pretraining documents that are worked problems (question, then its steps)
+    # instead of loose facts: the teacher, unlike the base student, may see chains in pretraining
+    worked_share: float = 0.0
     four_stage: bool = False  # also run the four-stage recipe once it exists
 
 
@@ -366,6 +369,36 @@ class Config:
     seed: int = 0
     artifacts_dir: str = "artifacts"  # the content-addressed store (relative to the launch dir)
     dry_run: bool = False
+
+
+def check_schema(cfg) -> None:
+    """Refuse keys the schema does not know, wherever they came from. Hydra's `+key=value` adds a
+    key past the typed nodes' struct flag, so `+student.arch.hiden_size=64` would otherwise
+    compose and fail much later inside a builder."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from factory.errors import ConfigError
+
+    def walk(node, path: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(schema):
+            known = {f.name for f in dataclasses.fields(schema)}
+            for key in node.keys():
+                if key not in known:
+                    full = f"{path}.{key}" if path else str(key)
+                    raise ConfigError(
+                        f"config key {full!r} is not in the schema of {path or 'the config'} "
+                        f"({schema.__name__}: {', '.join(sorted(known))}). Check its spelling; "
+                        "a '+' override adds a key the schema does not have, drop the '+' to set "
+                        "an existing one")
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{path}.{key}" if path else str(key))
+
+    walk(cfg, "")
 
 
 def register() -> None:

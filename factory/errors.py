@@ -9,8 +9,9 @@ class FactoryError(Exception):
     """Base of every error with a message meant for the user."""
 
 
-class ConfigError(FactoryError):
-    """A config value is missing, malformed or inconsistent."""
+class ConfigError(FactoryError, ValueError):
+    """A config value (or an argument carrying one) is missing, malformed or inconsistent.
+    Also a ValueError, so a direct caller's `except ValueError` still catches it."""
 
 
 class CardError(FactoryError):

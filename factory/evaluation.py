@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from factory import chat
+from factory.errors import ConfigError
 from factory.sampling import sample, token_kwargs
 from factory.tasks import Problem, Task
 
@@ -42,14 +43,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     the huge binomials; 1.0 when n - c < k (every k-subset holds a correct sample).
     """
     if k < 1:
-        raise ValueError(f"pass@k needs k >= 1, got k={k}")
+        raise ConfigError(f"pass@k needs k >= 1, got k={k}")
     if k > n:
-        raise ValueError(
+        raise ConfigError(
             f"pass@k needs k <= n: pass@{k} asked of {n} samples per problem; "
             f"raise eval.n_samples to at least {k} or drop {k} from eval.ks"
         )
     if not 0 <= c <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n, got c={c}, n={n}")
+        raise ConfigError(f"pass@k needs 0 <= c <= n, got c={c}, n={n}")
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
@@ -82,9 +83,9 @@ def evaluate(
     it only acts in "think" mode, since the /no_think prompt closes the block itself.
     """
     if mode not in chat.MODES:
-        raise ValueError(f"mode must be one of {chat.MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {chat.MODES}, got {mode!r}")
     if not problems:
-        raise ValueError("evaluate needs at least one problem")
+        raise ConfigError("evaluate needs at least one problem: the task gave none (check its n_test and its file)")
     for k in ks:  # fail before any sampling, not after
         pass_at_k(n_samples, 0, k)
     settings = {name: _setting(sampling, name) for name in SAMPLING_FIELDS}

@@ -60,11 +60,13 @@ def compose(overrides: list[str], config_dir: Path = CONF_DIR):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from factory.config import register
+    from factory.config import check_schema, register
 
     register()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    check_schema(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None, config_dir: Path = CONF_DIR) -> int:

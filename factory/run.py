@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from factory.config import register
+from factory.config import check_schema, register
 from factory.dry_run import dry_run
 from factory.environment import cpu_threads, environment
 from factory.errors import FactoryError
@@ -41,6 +41,7 @@ register_launch_time()  # ${launch_time:...} in hydra.run.dir (conf/config.yaml)
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    check_schema(cfg)  # a key added with '+' past the typed nodes, before anything else
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     rank = init_processes(cfg.trainer.device)
     if not rank.main:  # rank 0 logs for the run; the others' warnings still show

@@ -135,7 +135,7 @@ class Store:
             return None
         manifest = read_manifest(path)
         for rel, meta in manifest["files"].items():
-            _check_size(path, path / rel, meta["bytes"])
+            check_size(path, path / rel, meta["bytes"])
         return Artifact(kind, key, path)
 
     def verify(self, artifact: Artifact) -> None:
@@ -232,22 +232,24 @@ def verify_artifact(artifact: Artifact) -> None:
     manifest = read_manifest(artifact.path)
     for rel, meta in manifest["files"].items():
         f = artifact.path / rel
-        _check_size(artifact.path, f, meta["bytes"])
+        check_size(artifact.path, f, meta["bytes"])
         if file_sha256(f) != meta["sha256"]:
             raise ArtifactError(
                 f"{f} does not match its sha256 in {artifact.path / MANIFEST} (corrupted or "
                 f"modified): delete {artifact.path} and rerun to rebuild it.")
 
 
-def _check_size(root: Path, file: Path, expected: int) -> None:
+def check_size(root: Path, file: Path, expected: int, manifest: str = MANIFEST) -> None:
+    """Refuse `file` of the artifact at `root` when it is missing or its size is not the one
+    `root/manifest` records (truncated or grown), naming the file and the fix."""
     try:
         size = file.stat().st_size
     except OSError:
-        raise ArtifactError(f"{file} is listed in {root / MANIFEST} but missing: delete {root} "
+        raise ArtifactError(f"{file} is listed in {root / manifest} but missing: delete {root} "
                             f"and rerun to rebuild it.") from None
     if size != expected:
         how = "truncated" if size < expected else "grown"
-        raise ArtifactError(f"{file} is {size} bytes but {root / MANIFEST} says {expected} "
+        raise ArtifactError(f"{file} is {size} bytes but {root / manifest} says {expected} "
                             f"({how}): delete {root} and rerun to rebuild it.")
 
 

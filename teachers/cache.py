@@ -71,7 +71,7 @@ import torch
 
 from factory import faults
 from factory.errors import ArtifactError, ConfigError
-from factory.store import file_sha256, write_json_atomic
+from factory.store import check_size, file_sha256, write_json_atomic
 
 FORMAT = "compact-factory/logit-cache"
 FORMAT_VERSION = 1
@@ -651,7 +651,7 @@ class CacheReader:
         self._mapped: dict[int, dict[str, np.ndarray]] = {}
         shards = self.manifest["shards"]
         for s in shards:
-            self._check_size(self.path / s["file"], s["bytes"])
+            check_size(self.path, self.path / s["file"], s["bytes"], MANIFEST)
         tokens_s = np.array([s["tokens"] for s in shards], dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(tokens_s)])
         self._load_index()
@@ -704,19 +704,6 @@ class CacheReader:
                 f"({', '.join(bad)}):\n" + "\n".join(lines)
             )
 
-    def _check_size(self, file: Path, expected: int) -> None:
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise ArtifactError(f"logit cache shard {file} is listed in {self.path / MANIFEST} but "
-                                f"missing: delete {self.path} and rerun to rebuild it.") from None
-        if size != expected:
-            raise ArtifactError(
-                f"logit cache shard {file} is {size} bytes but the manifest says {expected} "
-                f"({'truncated' if size < expected else 'grown'}): delete {self.path} and rerun "
-                f"to rebuild the cache."
-            )
-
     def _check_sha(self, file: Path, expected: str) -> None:
         got = file_sha256(file)
         if got != expected:
@@ -729,7 +716,7 @@ class CacheReader:
     def _load_index(self) -> None:
         meta = self.manifest["index"]
         file = self.path / meta["file"]
-        self._check_size(file, meta["bytes"])
+        check_size(self.path, file, meta["bytes"], MANIFEST)
         self._check_sha(file, meta["sha256"])  # small: O(sequences)
         table = self._open_arrow(file).read_all()
         self._ids_str: list[str] = table.column("seq_id").to_pylist()
@@ -780,7 +767,7 @@ class CacheReader:
         """Recompute every shard's sha256 now; raise naming the first shard that fails."""
         for j, meta in enumerate(self.manifest["shards"]):
             file = self.path / meta["file"]
-            self._check_size(file, meta["bytes"])
+            check_size(self.path, file, meta["bytes"], MANIFEST)
             self._check_sha(file, meta["sha256"])
             self._verified.add(j)
 

@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from factory.errors import FactoryError
+
 __all__ = [
     "CheckResult",
     "SandboxConfig",
@@ -78,7 +80,7 @@ INSTALL_HINT = (
 )
 
 
-class SandboxUnavailableError(RuntimeError):
+class SandboxUnavailableError(FactoryError, RuntimeError):
     """The requested sandbox cannot be used here; untrusted code was not run."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from factory.errors import FactoryError
+
 from factory.tasks import code
 from factory.tasks.code import CheckResult, SandboxUnavailableError, check, check_many
 
@@ -364,6 +366,7 @@ def test_refuses_without_bubblewrap():
     code.configure(bwrap_path="/nonexistent/bin/bwrap")
     with pytest.raises(SandboxUnavailableError) as e:
         check(ADD, ADD_TEST, "add", timeout_s=10)
+    assert isinstance(e.value, FactoryError)  # the CLI prints its message alone
     msg = str(e.value)
     assert "bubblewrap" in msg and "apt-get install bubblewrap" in msg
     assert 'sandbox="process"' in msg

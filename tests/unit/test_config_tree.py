@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from factory import config as schema
+from factory.errors import ConfigError
 from factory.inspect import compose
 
 pytestmark = pytest.mark.unit
@@ -71,6 +72,27 @@ def test_typos_and_wrong_types_fail_naming_the_key():
         compose(["pipeline.pretrain.steps=many"])
     with pytest.raises(Exception, match="Could not find 'loss/fk'"):
         compose(["loss=fk"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("+student.arch.hiden_size=64", "student.arch.hiden_size"),
+    ("+trainer.lrr=1e-3", "trainer.lrr"),
+    ("+pipeline.pretrain.stepz=5", "pipeline.pretrain.stepz"),
+])
+def test_a_plus_override_that_adds_an_unknown_key_is_refused_naming_it(override, key):
+    """Hydra's '+' adds a key past the typed nodes' struct flag; the schema check refuses it
+    with a FactoryError that names the key and the schema, before anything is built."""
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}' is not in the schema")):
+        compose([override])
+
+
+def test_a_plus_override_of_an_open_dict_is_still_allowed():
+    """eval.tasks is a dict of task cards by name: '+' adds an entry there, and a typo inside
+    the added card is still refused."""
+    cfg = compose(["+task@pipeline.eval.tasks.aime24=aime24"])
+    assert cfg.pipeline.eval.tasks.aime24.name == "aime24"
+    with pytest.raises(ConfigError, match="pipeline.eval.tasks.aime24.n_tset"):
+        compose(["+task@pipeline.eval.tasks.aime24=aime24", "+pipeline.eval.tasks.aime24.n_tset=5"])
 
 
 def _schema_fields():
