@@ -246,6 +246,25 @@ def _logsumexp_rows_(x_nv: torch.Tensor, scratch_bv: torch.Tensor) -> torch.Tens
     return out_n
 
 
+def _target_logprob_and_entropy(z_nv, targets_n, scratch_bv):
+    """log softmax(z)[target] and the entropy of softmax(z) per row (T = 1), in row blocks
+    through ``scratch_bv``: with e = exp(z - max), s = sum e, lse = max + log s,
+    H = lse - sum(e z) / s. ``z_nv`` is left as it was."""
+    logp_n, ent_n = z_nv.new_empty(z_nv.shape[0]), z_nv.new_empty(z_nv.shape[0])
+    block = scratch_bv.shape[0]
+    for start in range(0, z_nv.shape[0], block):
+        z_bv = z_nv[start : start + block]
+        e_bv = scratch_bv[: z_bv.shape[0]]
+        max_b1 = z_bv.amax(-1, keepdim=True)
+        torch.sub(z_bv, max_b1, out=e_bv).exp_()
+        sum_b = e_bv.sum(-1)
+        lse_b = max_b1.squeeze(-1) + sum_b.log()
+        logp_n[start : start + block] = (
+            z_bv.gather(-1, targets_n[start : start + block, None]).squeeze(-1) - lse_b)
+        ent_n[start : start + block] = lse_b - e_bv.mul_(z_bv).sum(-1) / sum_b
+    return logp_n, ent_n
+
+
 def _mask_ids_and_lse_(z_nv, ids_nk, valid_nk, scratch_bv):
     """Coarsening statistics of logits rows; overwrites the id columns of ``z_nv`` with -inf.
 
@@ -535,7 +554,7 @@ class _FusedSparseDivergence(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden_nh, weight_vh, ids_nk, valid_nk, teacher_nk1, rows_r, row_scale,
-        kind, temperature, beta, alpha, chunk_size,
+        kind, temperature, beta, alpha, chunk_size, targets_n,
     ):  # fmt: skip
         vocab = weight_vh.shape[0]
         cdtype = _compute_dtype(weight_vh.dtype)
@@ -552,6 +571,11 @@ class _FusedSparseDivergence(torch.autograd.Function):
         if weight_vh.dtype != cdtype:
             low_cv = torch.empty_like(z_cv, dtype=weight_vh.dtype)
         scratch_bv = _scratch(chunk, vocab, cdtype, hidden_nh.device)
+        # with targets: each row's log-prob of its target and entropy (T = 1) from the same
+        # chunk of logits, so a caller's metrics need no second pass through the LM head
+        stats = targets_n is not None
+        logp_r = hidden_nh.new_empty(n_rows if stats else 0, dtype=cdtype)
+        ent_r = torch.empty_like(logp_r)
         for start in range(0, n_rows, chunk):
             r_c = rows_r[start : start + chunk]
             c = r_c.shape[0]
@@ -562,6 +586,9 @@ class _FusedSparseDivergence(torch.autograd.Function):
                 torch.mm(h_ch, weight_vh.t(), out=z)
             else:
                 z.copy_(torch.mm(h_ch, weight_vh.t(), out=low_cv[:c]))  # bf16 logits, as plain
+            if stats:
+                logp_r[start : start + c], ent_r[start : start + c] = (
+                    _target_logprob_and_entropy(z, targets_n[r_c], scratch_bv))
             zs_ck, lse_c1, lse_cc = _mask_ids_and_lse_(z, ids_ck, valid_ck, scratch_bv)
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (zs_ck, lse_c1, lse_cc)]
@@ -579,17 +606,18 @@ class _FusedSparseDivergence(torch.autograd.Function):
             if grad_weight_vh is not None:
                 grad_weight_vh.addmm_(dz.t(), h_ch)
         ctx.save_for_backward(grad_hidden_nh, grad_weight_vh)
-        return loss
+        ctx.mark_non_differentiable(logp_r, ent_r)
+        return loss, logp_r, ent_r
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
         grad_hidden_nh, grad_weight_vh = ctx.saved_tensors
         # In place: `grad * grad_loss` would allocate a second [V, H] buffer, and that copy was
         # the fused path's peak. The buffers are ours alone, and one backward is all we support.
         for grad in (grad_hidden_nh, grad_weight_vh):
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
-        return (grad_hidden_nh, grad_weight_vh) + (None,) * 10
+        return (grad_hidden_nh, grad_weight_vh) + (None,) * 11
 
 
 def fused_sparse_divergence(
@@ -606,7 +634,8 @@ def fused_sparse_divergence(
     teacher_tail_logprob: torch.Tensor | None = None,
     reduction: str = "mean",
     num_tokens: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_divergence(hidden @ lm_head_weight.T, ...)`` without materialising the logits.
 
     Same value and gradients (w.r.t. ``hidden`` and ``lm_head_weight``) as the plain call, and
@@ -623,6 +652,12 @@ def fused_sparse_divergence(
     liger-kernel). Gradients are computed in the forward, so the returned loss supports one
     backward, and ``reduction="none"`` is not offered (it would need per-token gradients).
     No bias (Qwen3's LM head has none).
+
+    With ``targets`` (token ids shaped like the mask: the tokens each position predicts) it
+    returns ``(loss, target_logprob, entropy)``, the last two ``[B, T]`` (or ``[N]``) fp32
+    without gradient: the student's full-vocabulary log-prob of each target and the entropy of
+    its softmax at T = 1, read from the same chunks of logits (0 where masked or where no
+    teacher id is real), so training metrics cost no second pass through the LM head.
 
     Shapes: hidden ``[B, T, H]`` or ``[N, H]``; lm_head_weight ``[V, H]``; teacher_ids /
     teacher_logprobs ``[B, T, k]``; mask ``[B, T]``; teacher_tail_logprob ``[B, T]``.
@@ -650,10 +685,17 @@ def fused_sparse_divergence(
     row_scale = 1.0 / _denominator(mask_n, num_tokens, reduction)
     if torch.is_tensor(row_scale):
         row_scale = row_scale.to(cdtype)
-    return _FusedSparseDivergence.apply(
+    targets_n = None if targets is None else targets.reshape(-1).to(hidden.device)
+    loss, logp_r, ent_r = _FusedSparseDivergence.apply(
         hidden_nh, lm_head_weight, ids_nk, valid_nk, teacher_nk1, rows_r, row_scale,
-        kind, temperature, beta, alpha, chunk_size,
+        kind, temperature, beta, alpha, chunk_size, targets_n,
     )  # fmt: skip
+    if targets is None:
+        return loss
+    logp_n = hidden_nh.new_zeros(hidden_nh.shape[0], dtype=logp_r.dtype)
+    ent_n = torch.zeros_like(logp_n)
+    logp_n[rows_r], ent_n[rows_r] = logp_r, ent_r
+    return loss, logp_n.reshape(lead_shape), ent_n.reshape(lead_shape)
 
 
 # ----------------------------------------------------------------------------------------------

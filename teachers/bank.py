@@ -5,7 +5,7 @@ Two verbs (`TeacherBackend`), three backends, picked by `make_backend` from `bac
 * `HFBackend` (`hf`) -- transformers in-process; the default and the one every test runs.
   `generate` is `factory.sampling.sample`. `score` runs batched, right-padded forwards of the
   decoder over sequences of similar length and turns only the scored positions' hidden states
-  into logits, ~64 MiB of them at a time, through `teachers.cache.from_logits`: no [B, T, V]
+  into logits, ~64 MiB of them at a time, through `teachers.cache.scored_rows`: no [B, T, V]
   logits tensor ever exists, even for one batch.
 * `VLLMBackend` (`vllm`) -- an in-process `vllm.LLM` over the model artifact's directory.
 * `VLLMServerBackend` (`vllm_server`) -- a running OpenAI-compatible vLLM server
@@ -63,7 +63,7 @@ from teachers.cache import (
     _LOGIT_CHUNK_ELEMENTS,
     LOGPROB_FLOOR,
     MODES,
-    from_logits,
+    scored_rows,
     tail_from_logprobs,
 )
 
@@ -171,15 +171,10 @@ def _rows_from_hidden(hidden_td: torch.Tensor, target_t: torch.Tensor, lm_head, 
     position p predicts token p + 1), a chunk of ~64 MiB of fp32 logits at a time."""
     T = hidden_td.shape[0]
     rows = max(1, _LOGIT_CHUNK_ELEMENTS // lm_head.weight.shape[0])
-    parts = []
-    token_logprob_t = torch.empty(T)
-    for a in range(0, T, rows):
-        logits_cv = lm_head(hidden_td[a:a + rows])
-        parts.append(from_logits(logits_cv, k, mode, generator))
-        logits32_cv = logits_cv.float()  # fp32 log-softmax: bf16 loses the tail mass
-        realised_c = logits32_cv.gather(-1, target_t[a:a + rows, None]).squeeze(-1)
-        token_logprob_t[a:a + rows] = (realised_c - logits32_cv.logsumexp(-1)).cpu()
-    ids_tk, logprobs_tk, tail_t = (torch.cat(p) for p in zip(*parts))
+    parts = [scored_rows(lm_head(hidden_td[a:a + rows]), k, mode, generator,
+                         target_t[a:a + rows])
+             for a in range(0, T, rows)]
+    ids_tk, logprobs_tk, tail_t, token_logprob_t = (torch.cat(p) for p in zip(*parts))
     return ScoredRows(ids_tk, logprobs_tk, tail_t, token_logprob_t)
 
 

@@ -333,6 +333,14 @@ def from_logits(logits_tv: torch.Tensor, k: int, mode: str = "topk",
     ``log(1 - sum_{distinct ids} p)`` as a log-sum-exp over the *other* ids, exact however small.
     Works through the rows in chunks of ~64 MiB of fp32 logits.
     """
+    return scored_rows(logits_tv, k, mode, generator)[:3]
+
+
+def scored_rows(logits_tv: torch.Tensor, k: int, mode: str = "topk",
+                generator: torch.Generator | None = None, targets_t: torch.Tensor | None = None):
+    """`from_logits`'s three tensors and, with `targets_t` [T] (the realised token at each row),
+    a fourth: each target's log-prob [T] from the same log-softmax (None without targets), so
+    a scorer reads the full-vocabulary logits once."""
     if mode not in MODES:
         raise ConfigError(f"logit cache mode {mode!r} is not one of {MODES}")
     T, V = logits_tv.shape
@@ -341,6 +349,7 @@ def from_logits(logits_tv: torch.Tensor, k: int, mode: str = "topk",
     ids_tk = torch.empty(T, k, dtype=torch.long)
     logprobs_tk = torch.empty(T, k)
     tail_t = torch.empty(T)
+    target_lp_t = None if targets_t is None else torch.empty(T)
     rows = max(1, _LOGIT_CHUNK_ELEMENTS // V)
     for a in range(0, T, rows):
         # fp32 log-softmax: bf16 loses the tail mass
@@ -351,8 +360,11 @@ def from_logits(logits_tv: torch.Tensor, k: int, mode: str = "topk",
             idx_ck = torch.multinomial(lp_cv.exp(), k, replacement=True, generator=generator)
             vals_ck = lp_cv.gather(-1, idx_ck)
         ids_tk[a:a + rows], logprobs_tk[a:a + rows] = idx_ck, vals_ck
+        if targets_t is not None:  # before the scatter below overwrites the kept ids
+            target_lp_t[a:a + rows] = lp_cv.gather(
+                -1, targets_t[a:a + rows, None].to(lp_cv.device)).squeeze(-1)
         tail_t[a:a + rows] = lp_cv.scatter_(-1, idx_ck, float("-inf")).logsumexp(-1)
-    return ids_tk, logprobs_tk, tail_t
+    return ids_tk, logprobs_tk, tail_t, target_lp_t
 
 
 # ----------------------------------------------------------------------------------------------

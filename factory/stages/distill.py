@@ -248,17 +248,18 @@ def sampled_token_loss(logp_student_n: torch.Tensor, logp_sampled_n: torch.Tenso
 
 def topk_reverse_kl(hidden_nh: torch.Tensor, weight_vh: torch.Tensor, ids_nk: torch.Tensor,
                     logprobs_nk: torch.Tensor, tail_n: torch.Tensor, num_tokens: int,
-                    chunk_size: int = 1024) -> torch.Tensor:
+                    chunk_size: int = 1024, targets_n: torch.Tensor | None = None):
     """Exact reverse KL per token on the teacher's coarsened top-k support, summed / num_tokens.
 
     ``sum_t KL(q_t || p_t) / num_tokens`` over the k + 1 outcomes {the teacher's k ids, the rest},
     q the student's softmax(W h) lumped the same way, p the teacher's log-probs and tail (T = 1):
     ``factory.losses.sparse_divergence(hidden @ W.T, ids, logprobs, kind="rkl",
-    teacher_tail_logprob=tail)`` through the fused chunked kernel.
+    teacher_tail_logprob=tail)`` through the fused chunked kernel. With `targets_n`, also the
+    student's log-prob of each target and its entropy (no gradient), from the same logits.
     """
     return fused_sparse_divergence(
         hidden_nh, weight_vh, ids_nk, logprobs_nk, kind="rkl", chunk_size=chunk_size,
-        teacher_tail_logprob=tail_n, num_tokens=num_tokens)
+        teacher_tail_logprob=tail_n, num_tokens=num_tokens, targets=targets_n)
 
 
 def _sampled_chunk(hidden_ch, weight_vh, ids_ck, logprobs_ck, temperature):
@@ -268,20 +269,24 @@ def _sampled_chunk(hidden_ch, weight_vh, ids_ck, logprobs_ck, temperature):
 
 def cache_divergence(hidden_nh: torch.Tensor, weight_vh: torch.Tensor, ids_nk: torch.Tensor,
                      logprobs_nk: torch.Tensor, tail_n: torch.Tensor, *, cache_mode: str,
-                     loss_cfg, num_tokens: int) -> torch.Tensor:
+                     loss_cfg, num_tokens: int, targets_n: torch.Tensor | None = None):
     """The off-policy divergence to the cached teacher rows, summed over tokens / num_tokens.
 
     ``topk`` cache: ``loss_cfg.kind`` (fkl, rkl, jsd with beta, skew_* with alpha, tvd) on the
     coarsened distributions {k ids, tail} at ``loss_cfg.temperature`` (scaled by T**2), through
     ``fused_sparse_divergence``. ``sampled`` cache: the unbiased Monte-Carlo forward KL of Sparse
     Logit Sampling (``sampled_forward_kl``; kind must be fkl), `chunk_size` rows of logits at a
-    time, each chunk recomputed in the backward.
+    time, each chunk recomputed in the backward. With `targets_n` (topk only) it returns
+    ``(loss, target_logprob_n, entropy_n)``, the metrics read from the loss's own chunks.
     """
     if cache_mode == "topk":
         return fused_sparse_divergence(
             hidden_nh, weight_vh, ids_nk, logprobs_nk, kind=loss_cfg.kind,
             temperature=loss_cfg.temperature, beta=loss_cfg.beta, alpha=loss_cfg.alpha,
-            chunk_size=loss_cfg.chunk_size, teacher_tail_logprob=tail_n, num_tokens=num_tokens)
+            chunk_size=loss_cfg.chunk_size, teacher_tail_logprob=tail_n, num_tokens=num_tokens,
+            targets=targets_n)
+    if targets_n is not None:
+        raise ValueError("cache_divergence returns token metrics for a topk cache only")
     if hidden_nh.shape[0] == 0:
         return hidden_nh.sum() * 0.0
     sums = _chunked(partial(_sampled_chunk, temperature=loss_cfg.temperature),
@@ -435,14 +440,21 @@ class CacheReplay:
         packed = packed.to(device)
         hidden_nh, weight_vh = response_hidden(model, packed)
         ids_nk, logprobs_nk, tail_n = (t.to(device) for t in self.teacher_rows(rows))
-        loss = cache_divergence(hidden_nh, weight_vh, ids_nk, logprobs_nk, tail_n,
-                                cache_mode=self.reader.spec.mode, loss_cfg=self.loss_cfg,
-                                num_tokens=num_tokens)
-        div_sum = loss.detach() * max(num_tokens, 1)
         ce_weight = self.loss_cfg.ce_weight
-        with torch.set_grad_enabled(torch.is_grad_enabled() and ce_weight > 0):
-            logp_n, entropy_n = token_logprobs_and_entropy(
-                hidden_nh, weight_vh, packed.target_n, chunk_size=self.loss_cfg.chunk_size)
+        # without a CE term the metrics need no gradient: a topk loss reads them from its chunks
+        folded = self.reader.spec.mode == "topk" and ce_weight == 0
+        out = cache_divergence(hidden_nh, weight_vh, ids_nk, logprobs_nk, tail_n,
+                               cache_mode=self.reader.spec.mode, loss_cfg=self.loss_cfg,
+                               num_tokens=num_tokens,
+                               targets_n=packed.target_n if folded else None)
+        if folded:
+            loss, logp_n, entropy_n = out
+        else:
+            loss = out
+            with torch.set_grad_enabled(torch.is_grad_enabled() and ce_weight > 0):
+                logp_n, entropy_n = token_logprobs_and_entropy(
+                    hidden_nh, weight_vh, packed.target_n, chunk_size=self.loss_cfg.chunk_size)
+        div_sum = loss.detach() * max(num_tokens, 1)
         ce_sum = -logp_n.sum()
         if ce_weight > 0:
             loss = loss + ce_weight * ce_sum / max(num_tokens, 1)
@@ -706,15 +718,14 @@ class OnPolicyData:
         chunk, num_tokens = self.loss_cfg.chunk_size, rollout.loss_tokens
         world = current_rank().world
         metrics = {}
-        topk = self.cfg.estimator == "topk"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not topk):
-            logp_student_n, entropy_n = token_logprobs_and_entropy(
-                hidden_nh, weight_vh, packed.target_n, chunk_size=chunk)
-        if topk:
-            loss = topk_reverse_kl(hidden_nh, weight_vh, ids_nk, logprobs_nk, tail_n,
-                                   num_tokens=num_tokens, chunk_size=chunk)
+        if self.cfg.estimator == "topk":  # the metrics come from the loss's own chunks
+            loss, logp_student_n, entropy_n = topk_reverse_kl(
+                hidden_nh, weight_vh, ids_nk, logprobs_nk, tail_n, num_tokens=num_tokens,
+                chunk_size=chunk, targets_n=packed.target_n)
             metrics["divergence"] = loss.item() * grad_accum * world
         else:
+            logp_student_n, entropy_n = token_logprobs_and_entropy(
+                hidden_nh, weight_vh, packed.target_n, chunk_size=chunk)
             loss = sampled_token_loss(logp_student_n, logp_sampled_n, logp_teacher_n, num_tokens)
         loss = loss * world  # normalised by the global count; DDP averages the ranks
         scale = grad_accum * world / max(num_tokens, 1)

@@ -22,6 +22,7 @@ from teachers.cache import (
     coarsened_kl,
     from_logits,
     pack_bits,
+    scored_rows,
     synthetic_lm_logits,
     tail_from_logprobs,
     unpack_bits,
@@ -118,6 +119,22 @@ def test_from_logits_topk_matches_fp64_and_tail_is_exact():
     # the mass adds up: k tokens + tail = 1
     total = torch.cat([lp.double(), tail.double()[:, None]], -1).logsumexp(-1)
     torch.testing.assert_close(total, torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_scored_rows_reads_the_realised_tokens_log_prob_from_the_same_pass():
+    """The scorer's fourth output (each target's log-prob) equals an fp64 log-softmax's, also
+    when the target is one of the kept top-k ids (read before they are masked for the tail)
+    and across chunk boundaries; the first three outputs are from_logits's."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 300, generator=g) * 3
+    targets = torch.randint(0, 300, (9,), generator=g)
+    targets[0] = logits[0].argmax()  # inside the top-k
+    ids, lp, tail, target_lp = scored_rows(logits, 8, "topk", None, targets)
+    ref = logits.double().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(target_lp.double(), ref, rtol=0, atol=1e-5)
+    for got, want in zip((ids, lp, tail), from_logits(logits, 8, "topk")):
+        torch.testing.assert_close(got, want)
+    assert scored_rows(logits, 8)[3] is None
 
 
 def test_from_logits_sampled_draws_from_the_distribution():

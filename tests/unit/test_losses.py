@@ -316,6 +316,30 @@ def test_fused_matches_sparse_value_and_gradients(kind, chunk_size, temperature)
         assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+def test_fused_returns_the_targets_log_prob_and_entropy_from_its_own_chunks(chunk_size):
+    """With `targets`, the same loss and gradients plus each position's full-vocabulary log-prob
+    of its target and entropy (T = 1) without gradient, 0 where masked."""
+    hidden_bth, weight_vh, _, ids_btk, logprobs_btk, mask_bt = _random_problem(9)
+    hidden_bth.requires_grad_()
+    targets_bt = torch.randint(0, weight_vh.shape[0], mask_bt.shape,
+                               generator=torch.Generator().manual_seed(3))
+    args = (hidden_bth, weight_vh, ids_btk, logprobs_btk, mask_bt)
+    kwargs = dict(kind="rkl", temperature=1.5, chunk_size=chunk_size)
+    plain = fused_sparse_divergence(*args, **kwargs)
+    (g_plain,) = torch.autograd.grad(plain, hidden_bth)
+    loss, logp_bt, ent_bt = fused_sparse_divergence(*args, targets=targets_bt, **kwargs)
+    (g_loss,) = torch.autograd.grad(loss, hidden_bth)
+    assert loss.item() == plain.item() and torch.equal(g_loss, g_plain)
+    assert not logp_bt.requires_grad and not ent_bt.requires_grad
+    lp_btv = (hidden_bth.detach() @ weight_vh.T).double().log_softmax(-1)
+    want_logp = lp_btv.gather(-1, targets_bt[..., None]).squeeze(-1) * mask_bt
+    want_ent = -(lp_btv.exp() * lp_btv).sum(-1) * mask_bt
+    assert mask_bt.any() and not mask_bt.all()
+    torch.testing.assert_close(logp_bt.double(), want_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_bt.double(), want_ent, rtol=0, atol=1e-5)
+
+
 def test_fused_global_token_count_sum_and_upstream_grad():
     hidden_bth, weight_vh, _, ids_btk, logprobs_btk, mask_bt = _random_problem(8)
     hidden_bth.requires_grad_()
