@@ -86,9 +86,6 @@ class BootstrapConfig:
     batch_size: int = 64
     lr: float = 3e-3
     think_ratio: float = 0.5  # share of the bootstrap SFT examples in /think mode
-    # share of the pretraining documents that are worked problems (question, then its steps)
-    # instead of loose facts: the teacher, unlike the base student, may see chains in pretraining
-    worked_share: float = 0.0
     four_stage: bool = False  # also run the four-stage recipe once it exists
 
 

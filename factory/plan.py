@@ -47,8 +47,7 @@ def teacher_group(cfg, plan: Plan) -> None:
     plan.stages.append(pretrain_stage(
         "teacher/pretrain", card, corpus_task(cfg), steps=boot.pretrain_steps, batch_size=boot.batch_size,
         lr=boot.lr, warmup_ratio=pre.warmup_ratio, block_len=pre.max_len,
-        corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="teacher",
-        worked_share=boot.worked_share))
+        corpus_size=cfg.pipeline.pretrain_corpus_size, seed=cfg.seed, cfg=cfg, arm="teacher"))
     plan.stages.append(sft_stage(
         "teacher/sft", card, corpus_task(cfg), "teacher/pretrain", steps=boot.sft_steps,
         batch_size=boot.batch_size, lr=boot.lr, warmup_ratio=pre.warmup_ratio,

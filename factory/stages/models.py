@@ -6,13 +6,11 @@ shard of each global batch (factory/stages/lm.py) and rank 0 saves the model."""
 
 from __future__ import annotations
 
-import random
 from fractions import Fraction
 
 from omegaconf import OmegaConf
 
 from factory import chat
-from factory.errors import ConfigError
 from factory.flops import train_flops
 from factory.ledger import StageCost
 from factory.loop import save_model, train
@@ -49,15 +47,12 @@ def source_stage(name: str, card, arm: str) -> Stage:
 
 def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr: float,
                    warmup_ratio: float, block_len: int, corpus_size: int, seed: int, cfg,
-                   arm: str, grad_accum: int = 1, worked_share: float = 0.0) -> Stage:
-    """Causal-LM pretraining from random weights on the task's corpus; `worked_share` of the
-    documents are worked problems from `pretrain_documents` (the teacher's bootstrap only)."""
+                   arm: str, grad_accum: int = 1) -> Stage:
+    """Causal-LM pretraining from random weights on the task's corpus."""
     inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
               "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
               "block_len": block_len, "corpus_size": corpus_size, "seed": seed,
               "grad_accum": grad_accum}
-    if worked_share:  # absent at 0, so the keys of artifacts made before the option stay valid
-        inputs["worked_share"] = worked_share
 
     def build(ctx: StageContext) -> StageCost:
         import torch
@@ -65,7 +60,7 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
         tokenizer = tokenizer_for(card)
         task = build_task(task_cfg)
         docs = [tokenizer.encode(d, add_special_tokens=False)
-                for d in pretrain_documents(task, corpus_size, seed, worked_share)]
+                for d in task.corpus(corpus_size, seed=seed)]
         data = PretrainData(pack_blocks(docs, tokenizer.eos_token_id, block_len), batch_size, seed,
                             grad_accum)
         torch.manual_seed(seed)
@@ -79,21 +74,6 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
                          notes={"steps": result.steps, "resumed_from": result.resumed_from})
 
     return Stage(name=name, kind="model", inputs=inputs, build=build, arm=arm, distributed=True)
-
-
-def pretrain_documents(task, n: int, seed: int, worked_share: float = 0.0) -> list[str]:
-    """n pretraining documents: the task's corpus of loose facts, with `worked_share` of them
-    replaced by worked problems of the train split (the question, then one step per line, as
-    in the traces), shuffled together by `seed`. Copying operands from a question into the
-    steps is the skill a 2-layer model is slowest to find in SFT alone (docs/benchmarks.md)."""
-    if not 0.0 <= worked_share <= 1.0:
-        raise ConfigError(f"teacher.bootstrap.worked_share must be in [0, 1], got {worked_share}")
-    n_worked = round(n * worked_share)
-    docs = task.corpus(n - n_worked, seed=seed)
-    if n_worked:
-        docs += [f"{p.prompt}\n{p.reasoning}" for p in task.problems("train", n_worked)]
-        random.Random(f"pretrain-documents/{seed}").shuffle(docs)
-    return docs
 
 
 def _corpus_inputs(task_cfg) -> dict:
