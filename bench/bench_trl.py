@@ -31,8 +31,9 @@ The same work on every side:
 * optimizer: AdamW, lr 5e-4, betas (0.9, 0.95), weight decay as trainer.weight_decay, cosine
   schedule without warm-up, gradient clipping at 1.0, fp32 (TRL: bf16=False), no gradient
   checkpointing (TRL's default is on; ours never checkpoints the model), one torch thread.
-Ours runs twice: at the default `loss.chunk_size` (1024 rows of logits per chunk of the fused
-losses) and at 128, the knob that sets most of its working memory at a large vocabulary.
+Ours runs twice: at the default `loss.chunk_size=0` (auto: ~64 MiB of fp32 logits per chunk of
+the fused losses, 110 rows at 151,936) and at 1024 rows, the default before auto; the knob sets
+most of its working memory at a large vocabulary.
 Generated tokens per step are counted on every side (the student's `generate`/sampler output up
 to its stop token) and shown, since random weights stop at random lengths at a small vocabulary.
 """
@@ -53,9 +54,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IMPLS = ("ours", "ours-chunk128", "trl-distillation", "trl-gkd")
+IMPLS = ("ours", "ours-chunk1024", "trl-distillation", "trl-gkd")
 LABELS = {"ours": "ours: on-policy stage (`OnPolicyData` through `factory.loop.train`)",
-          "ours-chunk128": "ours, `loss.chunk_size=128` (default 1024)",
+          "ours-chunk1024": "ours, `loss.chunk_size=1024` (the default before auto)",
           "trl-distillation": "TRL `DistillationTrainer`",
           "trl-gkd": "TRL `experimental.gkd.GKDTrainer`"}
 LR, BETAS = 5e-4, (0.9, 0.95)
@@ -83,7 +84,7 @@ def _setup(args):
         "pipeline.on_policy.estimator=topk", "pipeline.on_policy.temperature=1.0",
         f"pipeline.on_policy.lr={LR}", "pipeline.on_policy.warmup_ratio=0.0",
         f"pipeline.on_policy.steps={args.warmup + args.steps}",
-        *(["loss.chunk_size=128"] if args.impl == "ours-chunk128" else [])])
+        *(["loss.chunk_size=1024"] if args.impl == "ours-chunk1024" else [])])
     from factory import chat
     from factory.stages.models import tokenizer_for
     from factory.tasks.registry import build_task

@@ -240,7 +240,7 @@ class GRPOConfig:
     eps_high: float = 0.28  # clip-higher (DAPO)
     kl_coef: float = 0.0  # k3 KL to the frozen starting model; > 0 loads it
     normalize_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
-    chunk_size: int = 1024  # response tokens per LM-head chunk (log-probs and entropy)
+    chunk_size: int = 0  # response tokens per LM-head chunk (0: auto, ~64 MiB of fp32 logits)
     entropy: EntropyControlConfig = field(default_factory=EntropyControlConfig)
 
 
@@ -304,7 +304,7 @@ class LossConfig:
     temperature: float = 1.0
     beta: float = 0.5
     alpha: float = 0.1
-    chunk_size: int = 1024
+    chunk_size: int = 0  # tokens per LM-head chunk in the fused losses (0: auto, ~64 MiB of logits)
     ce_weight: float = 0.0
 
 

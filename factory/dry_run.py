@@ -36,6 +36,7 @@ from pathlib import Path
 
 from factory.errors import ConfigError
 from factory.flops import forward_flops, projected_h100_hours, train_flops, weights_bytes
+from factory.losses import chunk_rows
 from factory.plan import build_plan, eval_tasks
 from factory.store import write_json_atomic
 from students.builders import build_model, count_params
@@ -149,7 +150,7 @@ class Micro:
 
     rows: int
     seq_len: int
-    chunk: int | None = None  # None: the whole micro-batch's logits at once
+    chunk: int | None = None  # None: the whole micro-batch's logits at once; 0: auto (chunk_rows)
     ref_model: bool = False  # a frozen copy of the starting model (GRPO with kl_coef > 0)
     teacher_in_process: bool = False  # the teacher scores from inside the training process
 
@@ -169,7 +170,8 @@ def training_memory(card, devices: Devices, micro: Micro, precision: str,
         # FSDP gathers a layer's parameters for its forward/backward, and prefetches the next
         "gathered_layers": 2 * layer_params(arch, total) * dtype_bytes if devices.fsdp else 0.0,
         "activations": activation_bytes(arch, tokens, devices.checkpointing, dtype_bytes),
-        "logits": logits_bytes(arch, micro.chunk if micro.chunk else tokens, dtype_bytes),
+        "logits": logits_bytes(arch, tokens if micro.chunk is None else
+                               min(tokens, chunk_rows(micro.chunk, arch.vocab_size)), dtype_bytes),
         "ref_model": total * 4.0 if micro.ref_model else 0.0,
         "teacher": teacher_per_device if micro.teacher_in_process else 0.0,
     }

@@ -62,6 +62,15 @@ TEACHER_TAIL_FLOOR = 1e-10
 # Row blocks for the vocabulary-wide passes are sized to about 2**24 elements (64 MiB in fp32),
 # so a pass over [N, V] logits allocates one small reusable scratch, not a second [N, V] tensor.
 _BLOCK_ELEMENTS = 2**24
+LOGIT_CHUNK_ELEMENTS = 2**24  # chunk_size=0 (auto): ~64 MiB of fp32 logits per chunk
+
+
+def chunk_rows(chunk_size: int, vocab: int) -> int:
+    """Rows of logits per chunk: `chunk_size` when > 0; 0 (auto) as many as fit in
+    LOGIT_CHUNK_ELEMENTS (110 at Qwen3's 151,936, the whole batch at the tiny world's 128)."""
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: auto), got {chunk_size}")
+    return chunk_size if chunk_size > 0 else max(1, LOGIT_CHUNK_ELEMENTS // vocab)
 _IGNORE_INDEX = -100  # liger-kernel's label for a position that takes no loss
 
 
@@ -630,7 +639,7 @@ def fused_sparse_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     alpha: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
     teacher_tail_logprob: torch.Tensor | None = None,
     reduction: str = "mean",
     num_tokens: int | torch.Tensor | None = None,
@@ -641,8 +650,8 @@ def fused_sparse_divergence(
     Same value and gradients (w.r.t. ``hidden`` and ``lm_head_weight``) as the plain call, and
     the same conventions (see ``sparse_divergence``: coarsened support, temperature on both
     coarsened sides, T**2, padding slots, tail floor, normalisation, empty mask = 0). Only the
-    unmasked tokens are computed, ``chunk_size`` at a time: each chunk's fp32 logits
-    ``[chunk_size, V]`` live in one reused buffer, and its gradient is formed analytically in that
+    unmasked tokens are computed, ``chunk_size`` at a time (0: ``chunk_rows``' auto, ~64 MiB of
+    fp32 logits): each chunk's fp32 logits ``[chunk_size, V]`` live in one reused buffer, and its gradient is formed analytically in that
     same buffer. Peak extra memory is therefore about ``chunk_size * V * 4`` bytes, a 64 MiB
     scratch, and ``grad_weight`` (``[V, H]`` in the weight's dtype, which the plain path also
     produces), instead of two ``[N, V]`` fp32 tensors (logits and their gradient).
@@ -665,8 +674,7 @@ def fused_sparse_divergence(
     _check_args(kind, temperature, beta, alpha, reduction)
     if reduction == "none":
         raise ValueError("fused_sparse_divergence supports reduction 'mean' or 'sum', not 'none'")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = chunk_rows(chunk_size, lm_head_weight.shape[0])
     lead_shape = hidden.shape[:-1]
     hidden_nh = hidden.reshape(-1, hidden.shape[-1])
     if lm_head_weight.shape[1] != hidden_nh.shape[1]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from factory import chat
+from factory.losses import chunk_rows
 
 ENTROPY_UPDATES = ("additive", "multiplicative")
 _FORWARD_BLOCK_ELEMENTS = 2**24  # logits per forward chunk of token_logprobs_and_entropy
@@ -241,17 +242,17 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
 def token_logprobs_and_entropy(hidden_nh: torch.Tensor, weight_vh: torch.Tensor,
                                targets_n: torch.Tensor, *, temperature: float = 1.0,
-                               chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(h W^T / T)[y] and the entropy of softmax(h W^T / T), both `[N]` fp32 with
     gradients to `hidden_nh` and `weight_vh`, computed `chunk_size` rows at a time so the `[N, V]`
-    logits never exist (peak extra memory about chunk_size * V * 4 bytes, times a few).
+    logits never exist (peak extra memory about chunk_size * V * 4 bytes, times a few; 0: the
+    chunk `factory.losses.chunk_rows` picks).
 
     hidden_nh: the final (normed) hidden states at the positions that predict `targets_n`;
     weight_vh: the LM head. liger-kernel's LigerFusedLinearGRPOLoss (0.8.5) is not used: it has
     no entropy term, which entropy control needs with a gradient.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = chunk_rows(chunk_size, weight_vh.shape[0])  # 0: auto, ~64 MiB of logits
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return _ChunkedLogprobEntropy.apply(hidden_nh, weight_vh, targets_n, float(temperature),

@@ -62,7 +62,7 @@ from factory.flops import forward_flops, train_flops
 from factory.ledger import StageCost
 from factory.loop import StepOutput, current_device, current_rank, save_model, train
 from factory.processes import all_sum, check_shardable, shard
-from factory.losses import KINDS, fused_sparse_divergence, sampled_forward_kl
+from factory.losses import KINDS, chunk_rows, fused_sparse_divergence, sampled_forward_kl
 from factory.models import load_model
 from factory.pipeline import Stage, StageContext
 from factory.rl import final_hidden_states, token_logprobs_and_entropy
@@ -248,7 +248,7 @@ def sampled_token_loss(logp_student_n: torch.Tensor, logp_sampled_n: torch.Tenso
 
 def topk_reverse_kl(hidden_nh: torch.Tensor, weight_vh: torch.Tensor, ids_nk: torch.Tensor,
                     logprobs_nk: torch.Tensor, tail_n: torch.Tensor, num_tokens: int,
-                    chunk_size: int = 1024, targets_n: torch.Tensor | None = None):
+                    chunk_size: int = 0, targets_n: torch.Tensor | None = None):
     """Exact reverse KL per token on the teacher's coarsened top-k support, summed / num_tokens.
 
     ``sum_t KL(q_t || p_t) / num_tokens`` over the k + 1 outcomes {the teacher's k ids, the rest},
@@ -290,7 +290,8 @@ def cache_divergence(hidden_nh: torch.Tensor, weight_vh: torch.Tensor, ids_nk: t
     if hidden_nh.shape[0] == 0:
         return hidden_nh.sum() * 0.0
     sums = _chunked(partial(_sampled_chunk, temperature=loss_cfg.temperature),
-                    loss_cfg.chunk_size, hidden_nh, weight_vh, ids_nk, logprobs_nk)
+                    chunk_rows(loss_cfg.chunk_size, weight_vh.shape[0]), hidden_nh, weight_vh,
+                    ids_nk, logprobs_nk)
     return torch.stack(sums).sum() / max(num_tokens, 1)
 
 
@@ -326,8 +327,8 @@ def check_loss_cfg(loss_cfg, cache_mode: str) -> None:
             f"a sampled logit cache (pipeline.cache.mode=sampled) estimates forward KL only "
             f"(Sparse Logit Sampling), but loss.kind={loss_cfg.kind!r}: use loss=fkl, or record "
             f"a top-k cache (pipeline.cache.mode=topk) for the other divergences")
-    if loss_cfg.ce_weight < 0 or loss_cfg.chunk_size < 1:
-        raise ConfigError(f"loss.ce_weight must be >= 0 and loss.chunk_size >= 1, got "
+    if loss_cfg.ce_weight < 0 or loss_cfg.chunk_size < 0:
+        raise ConfigError(f"loss.ce_weight must be >= 0 and loss.chunk_size >= 0 (0: auto), got "
                           f"{loss_cfg.ce_weight} and {loss_cfg.chunk_size}")
 
 
