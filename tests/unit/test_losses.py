@@ -7,6 +7,7 @@ import torch
 
 from factory.losses import (
     KINDS,
+    chunk_rows,
     divergence,
     fused_dense_jsd,
     fused_sparse_divergence,
@@ -338,6 +339,24 @@ def test_fused_returns_the_targets_log_prob_and_entropy_from_its_own_chunks(chun
     assert mask_bt.any() and not mask_bt.all()
     torch.testing.assert_close(logp_bt.double(), want_logp, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent_bt.double(), want_ent, rtol=0, atol=1e-5)
+
+
+def test_chunk_size_zero_is_auto_about_64_mib_of_logits():
+    """loss.chunk_size=0 picks the rows that fit 2**24 fp32 logits: 110 at Qwen3's vocabulary,
+    a whole batch at the tiny world's; the fused loss gives the same value and gradient."""
+    assert chunk_rows(0, 151_936) == 110 and chunk_rows(0, 128) == 131_072
+    assert chunk_rows(7, 151_936) == 7
+    with pytest.raises(ValueError, match="chunk_size must be >= 0"):
+        chunk_rows(-1, 128)
+    hidden_bth, weight_vh, _, ids_btk, logprobs_btk, mask_bt = _random_problem(10)
+    hidden_bth.requires_grad_()
+    args = (hidden_bth, weight_vh, ids_btk, logprobs_btk, mask_bt)
+    auto = fused_sparse_divergence(*args, kind="jsd", chunk_size=0)
+    three = fused_sparse_divergence(*args, kind="jsd", chunk_size=3)
+    assert _rel(auto, three) < 1e-6
+    (g_auto,) = torch.autograd.grad(auto, hidden_bth)
+    (g_three,) = torch.autograd.grad(three, hidden_bth)
+    assert _rel(g_auto, g_three) < 1e-5
 
 
 def test_fused_global_token_count_sum_and_upstream_grad():
