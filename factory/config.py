@@ -150,6 +150,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     thinking_budget: Optional[int] = None
     batch_size: int = 512  # sequences sampled per sampler call
+    # on a CPU with a core the training leaves idle: evaluate each model in a worker process as
+    # soon as it exists, beside the next training stage (factory/background.py); same numbers
+    background: bool = True
     # tasks evaluated besides the run's own `task`, each a full task card: an overlay composes
     # them from conf/task/ (`- /task@pipeline.eval.tasks.aime24: aime24` in its defaults; on the
     # command line `+task@pipeline.eval.tasks.aime24=aime24`), so each keeps its own path/n_test

@@ -110,6 +110,17 @@ class Pipeline:
         self.artifacts[stage.name] = artifact
         return artifact
 
+    def adopt(self, stage: Stage, entry: LedgerEntry) -> bool:
+        """Record `stage` as built by another process of this run (factory/background.py) with
+        that process's ledger entry, if its artifact is in the store; False when it is not."""
+        found = self.store.get(stage.kind, self.key(stage))
+        if found is None:
+            return False
+        log.info("stage %s: built in the background, %s", stage.name, found.path)
+        self.ledger.add(entry)
+        self.artifacts[stage.name] = found
+        return True
+
     def _lookup(self, kind: str, key: str) -> Artifact | None:
         """The complete artifact, if the store holds one: rank 0 looks, every rank follows its
         answer (a concurrent writer publishing in between must not split the ranks)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from factory.background import BackgroundEvals, background_evals_apply
 from factory.config import check_schema, register
 from factory.dry_run import dry_run
 from factory.environment import cpu_threads, environment
@@ -73,14 +75,28 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                             config_dict=OmegaConf.to_container(cfg, resolve=True),
                             enabled=rank.main)
     pipeline = Pipeline(Store(cfg.artifacts_dir), run_dir, metrics)
+    background = (BackgroundEvals(cfg, run_dir, threads)
+                  if background_evals_apply(cfg, rank.world, threads) else None)
+    finished, start = False, time.perf_counter()
     try:
         for stage in plan.stages:
-            pipeline.run(stage)
+            entry = background.result(stage) if background and stage.kind == "eval" else None
+            if entry is None or not pipeline.adopt(stage, entry):
+                pipeline.run(stage)
+            if background:  # every eval whose model now exists goes to the idle core
+                for ready in plan.stages:
+                    if ready.kind == "eval" and ready.name not in pipeline.artifacts and all(
+                            n in pipeline.artifacts for n in ready.needs):
+                        background.submit(ready, pipeline)
+        finished = True
     finally:
+        if background:
+            background.close(wait=finished)
         metrics.close()
 
     evals = {name: read_eval(a) for name, a in pipeline.artifacts.items() if a.kind == "eval"}
-    summary = summarize(evals, pipeline.ledger)  # the same on every rank: rank 0's ledger
+    # the same on every rank: rank 0's ledger; each rank's own clock
+    summary = summarize(evals, pipeline.ledger, wall_s=time.perf_counter() - start)
     if rank.main:
         (run_dir / "eval").mkdir(exist_ok=True)
         for name in evals:

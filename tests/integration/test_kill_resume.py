@@ -40,9 +40,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread
 REPO = Path(__file__).resolve().parents[2]
 # checkpoint every step, so a kill after step 1 resumes from it; small shards, so a kill between
 # shards leaves some written; every step's loss logged, to compare them all; one eval mode
-# (eval is half of a tiny run's compute)
+# (eval is half of a tiny run's compute); evals in the background worker, as by default, so
+# kills also land while it runs (and must not leave it behind)
 OVERRIDES = COMPARE_TINY + ["trainer.checkpoint_every=1", "trainer.log_every=1",
-                            "pipeline.cache.shard_tokens=64", "pipeline.eval.modes=[think]"]
+                            "pipeline.cache.shard_tokens=64", "pipeline.eval.modes=[think]",
+                            "pipeline.eval.background=true"]
 
 # (FACTORY_KILL_AT, the stage it interrupts, what the kill leaves behind), in the plan's order
 KILLS = [

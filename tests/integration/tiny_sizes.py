@@ -11,6 +11,9 @@ BOOTSTRAP_TINY = [
     "pipeline.eval.n_samples=4", "pipeline.eval.n_problems=6", "pipeline.eval.ks=[1,4]",
     "pipeline.eval.max_new_tokens=24", "task.n_test=6",
     "trainer.num_threads=1", "trainer.progress=false",
+    # at these sizes a background worker's start-up costs more than its evals; the tests that
+    # want it (test_background_evals.py, test_kill_resume.py) turn it back on
+    "pipeline.eval.background=false",
 ]
 
 # the default pipeline (compare): both arms, every table row
@@ -43,4 +46,5 @@ COMPARE_TINY = [
     "pipeline.four_stage.general_rl.group_size=2",
     "pipeline.four_stage.general_rl.max_new_tokens=24",
     "trainer.num_threads=1", "trainer.progress=false",
+    "pipeline.eval.background=false",  # as above
 ]
