@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from factory.environment import available_cores
 from factory.ledger import Ledger, LedgerEntry
 from factory.pipeline import Pipeline, Stage
 
@@ -38,8 +39,7 @@ def background_evals_apply(cfg, world: int, threads: int | None) -> bool:
     core beyond the training's `threads` (None: torch's default, every core) to run on."""
     if not cfg.pipeline.eval.background or cfg.trainer.device != "cpu" or world != 1:
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return threads is not None and (cores or 1) > threads
+    return threads is not None and available_cores() > threads
 
 
 class BackgroundEvals:
@@ -51,12 +51,15 @@ class BackgroundEvals:
         self._threads = threads
         self._pool: ProcessPoolExecutor | None = None  # started with the first submission
         self._futures: dict[str, Future] = {}
+        self._considered: set[str] = set()  # each stage is looked up in the store once
         self._broken = False  # the worker died: the main process builds everything from then on
 
     def submit(self, stage: Stage, pipeline: Pipeline) -> None:
         """Send `stage` to the worker unless it was sent already or the store holds it."""
-        if (self._broken or stage.name in self._futures
-                or pipeline.store.get(stage.kind, pipeline.key(stage))):
+        if self._broken or stage.name in self._considered:
+            return
+        self._considered.add(stage.name)
+        if pipeline.store.get(stage.kind, pipeline.key(stage)):
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(

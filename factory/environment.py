@@ -32,9 +32,15 @@ def cpu_threads(requested: int, processes: int = 1) -> int | None:
     if requested != -1:
         raise ValueError(f"trainer.num_threads must be -1 (auto), 0 (all cores) or a positive "
                          f"count, got {requested}")
+    cores = available_cores()
+    idle = int(cores - os.getloadavg()[0] + 0.5)
+    return max(1, min(idle, cores) // max(processes, 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    idle = int((cores or 1) - os.getloadavg()[0] + 0.5)
-    return max(1, min(idle, cores or 1) // max(processes, 1))
+    return cores or 1
 
 
 def _version(package: str) -> str:
