@@ -76,6 +76,20 @@ class StudentConfig(ModelCardConfig):
 
 
 @dataclass
+class BootstrapCheckConfig:
+    """The bootstrap SFT's stopping test: thinking-mode Pass@1 of the teacher on held-out
+    problems of the train stream (never the test split), with the card's thinking sampling."""
+
+    pass_at_1: float = 0.0  # the target; 0 = no check, train exactly sft_steps
+    every: int = 250  # check every this many SFT steps, from step `after` on, and at the end
+    after: int = 0
+    problems: int = 200  # train-stream problems right after the SFT examples
+    samples: int = 4  # samples per problem
+    extra_steps: int = 0  # SFT steps allowed past sft_steps (at the schedule's final lr) while
+    # the check fails; the last of them ends training, passed or not (the ledger says which)
+
+
+@dataclass
 class BootstrapConfig:
     """How the bank trains a teacher that has no downloadable checkpoint (the tiny world)."""
 
@@ -86,6 +100,7 @@ class BootstrapConfig:
     batch_size: int = 64
     lr: float = 3e-3
     think_ratio: float = 0.5  # share of the bootstrap SFT examples in /think mode
+    check: BootstrapCheckConfig = field(default_factory=BootstrapCheckConfig)
     four_stage: bool = False  # also run the four-stage recipe once it exists
 
 

@@ -99,12 +99,37 @@ class Stateful(Protocol):
 
 
 @dataclass
+class StopCheck:
+    """A measurement of the model the loop takes every `every` steps from step `after` on, and
+    at the last step: training stops after the first step whose value reaches `target`, and
+    that step's weights are final. `measure(model, step)` sees the unwrapped model in eval mode
+    under no_grad; it must not draw from torch's global generator (training would then differ
+    from a run without checks), and must give every process the same value."""
+
+    name: str  # the metric it is logged under
+    measure: Callable[[torch.nn.Module, int], float]
+    target: float
+    every: int
+    after: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.after < 0:
+            raise ConfigError(f"check {self.name!r}: every must be >= 1 and after >= 0, got "
+                              f"every={self.every}, after={self.after}")
+
+    def due(self, step: int, steps: int) -> bool:
+        return step == steps or (step >= self.after and step % self.every == 0)
+
+
+@dataclass
 class TrainResult:
-    steps: int  # completed optimizer steps (== the requested steps)
+    steps: int  # completed optimizer steps (the requested steps unless a StopCheck passed)
     tokens: int  # tokens trained on, all processes, all segments of a resumed run
     wall_s: float  # wall time of all segments up to the last checkpoint, plus this one's tail
     final_metrics: dict[str, float]  # the last step's logged metrics
     resumed_from: int  # completed steps found in the checkpoint (0: a fresh start)
+    checks: list[tuple[int, float]] = field(default_factory=list)  # (step, value) of each check
+    passed: Optional[bool] = None  # whether the StopCheck reached its target (None: no check)
 
 
 def warmup_steps(steps: int, warmup_ratio: float) -> int:
@@ -115,8 +140,11 @@ def lr_multiplier(step: int, steps: int, warmup_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step `step` (1-based).
 
     Linear warmup to 1 over the first ceil(warmup_ratio * steps) steps, then a cosine from 1 at
-    the first step after warmup down to MIN_LR_RATIO at the last step.
+    the first step after warmup down to MIN_LR_RATIO at the last step, and MIN_LR_RATIO after
+    it (the steps a StopCheck may add past the schedule).
     """
+    if step > steps:
+        return MIN_LR_RATIO
     warm = warmup_steps(steps, warmup_ratio)
     if step <= warm:
         return step / warm
@@ -135,6 +163,9 @@ class _LoopState:
         # the step guard's memory (factory/guards.py)
         self.recent_losses: list[float] = []
         self.skipped, self.consecutive_skips = 0, 0
+        # the StopCheck's record: (step, value) of each check, and whether one passed
+        self.checks: list[tuple[int, float]] = []
+        self.passed = False
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -163,8 +194,15 @@ def train(
     work_dir: Path,
     metrics: Optional[MetricsLogger] = None,
     extra_state: Optional[Stateful] = None,
+    stop: Optional[StopCheck] = None,
+    schedule_steps: Optional[int] = None,
 ) -> TrainResult:
     """Train `model` for `steps` optimizer steps of `grad_accum` micro-batches each.
+
+    The lr schedule (warmup, cosine) spans `schedule_steps` (default: `steps`) and stays at its
+    final value after it. With `stop`, training ends early at the first check that reaches its
+    target (`StopCheck`); the checks and their outcome are checkpointed, so a resumed run
+    neither repeats a check nor trains past a passed one.
 
     Resumes from `work_dir/checkpoint` when it exists; checkpoints every
     `trainer_cfg.checkpoint_every` steps (0: only at the end) and after the last step. The
@@ -197,8 +235,12 @@ def train(
         _param_groups(model, trainer_cfg.weight_decay), lr=lr, betas=ADAMW_BETAS
     )
     # LambdaLR's epoch counts completed optimizer steps: the update of step s uses lambda(s - 1)
+    schedule_steps = steps if schedule_steps is None else schedule_steps
+    if not 0 < schedule_steps <= steps and steps > 0:
+        raise ConfigError(f"stage {stage!r}: the lr schedule's {schedule_steps} steps must be in "
+                          f"1..{steps} (the stage's steps)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: lr_multiplier(done + 1, steps, warmup_ratio)
+        optimizer, lambda done: lr_multiplier(done + 1, schedule_steps, warmup_ratio)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -229,7 +271,8 @@ def train(
     tokens_at_start = state.tokens
     window_t, window_tokens = t_start, state.tokens
     try:
-        for step in range(resumed_from + 1, steps + 1):
+        # a run killed after its passing check resumes with nothing left to train
+        for step in range(steps + 1 if state.passed else resumed_from + 1, steps + 1):
             loss_sum = torch.zeros((), device=accelerator.device)
             tokens = 0
             stage_sums: dict[str, float] = {}
@@ -295,8 +338,18 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tok_s_run:.3g}", refresh=False)
             last = step == steps
+            checked = stop is not None and stop.due(step, steps)
+            if checked:
+                value = _measure(accelerator, model, stop, step)
+                state.checks.append((step, value))
+                state.passed = value >= stop.target
+                log.info("stage %r: step %d: %s = %.4g (target %.4g)%s", stage, step, stop.name,
+                         value, stop.target, ": reached, training stops" if state.passed else "")
+                state.last_metrics[stop.name] = value
+                last = last or state.passed
             log_every = trainer_cfg.log_every
-            if metrics is not None and (last or (log_every > 0 and step % log_every == 0)):
+            if metrics is not None and (last or checked
+                                        or (log_every > 0 and step % log_every == 0)):
                 window_s = max(now - window_t, 1e-9)
                 state.last_metrics["tokens_per_s"] = (state.tokens - window_tokens) / window_s
                 metrics.log(stage, step, state.last_metrics)
@@ -308,6 +361,8 @@ def train(
                 _save_checkpoint(accelerator, work_dir)
                 last_checkpoint = step
                 faults.point("checkpoint")  # FACTORY_KILL_AT test hook (factory/faults.py)
+            if state.passed:
+                break
     finally:
         bar.close()
 
@@ -319,7 +374,21 @@ def train(
         wall_s=wall_before + (time.perf_counter() - t_start),
         final_metrics=dict(state.last_metrics),
         resumed_from=resumed_from,
+        checks=[tuple(c) for c in state.checks],
+        passed=None if stop is None else state.passed,
     )
+
+
+def _measure(accelerator: Accelerator, model: torch.nn.Module, stop: StopCheck,
+             step: int) -> float:
+    """The StopCheck's value at `step`, taken in eval mode and agreed across processes."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = float(stop.measure(accelerator.unwrap_model(model), step))
+    finally:
+        model.train()
+    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean"))
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:

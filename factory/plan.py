@@ -52,7 +52,7 @@ def teacher_group(cfg, plan: Plan) -> None:
         "teacher/sft", card, corpus_task(cfg), "teacher/pretrain", steps=boot.sft_steps,
         batch_size=boot.batch_size, lr=boot.lr, warmup_ratio=pre.warmup_ratio,
         n_examples=boot.sft_examples, max_len=cfg.pipeline.sft.max_len, seed=cfg.seed, cfg=cfg,
-        arm="teacher", think_ratio=boot.think_ratio))
+        arm="teacher", think_ratio=boot.think_ratio, check=boot.check))
     plan.models["teacher"] = ("teacher/sft", card)
     if boot.four_stage:  # the bank's full recipe: the four stages after the bootstrap SFT
         stages = four_stage_stages(cfg, cfg.pipeline.four_stage, card=card, base="teacher/sft",

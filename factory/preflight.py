@@ -51,14 +51,16 @@ _PARTS = {
 }
 
 
-def preflight(cfg) -> dict:
-    """Run every check (module docstring); return the memory and disk estimates."""
+def preflight(cfg, background: bool = False) -> dict:
+    """Run every check (module docstring); return the memory and disk estimates. `background`:
+    evaluations run in a worker process beside training (factory/background.py), so the memory
+    check adds the largest evaluation to the largest training stage."""
     check_guard_config(cfg.trainer)
     check_eval_ks(cfg.pipeline.eval)
     distills = "distill" in cfg.pipeline.stages
     if distills:
         check_cache_k(cfg)
-    estimates = {"memory": check_memory(cfg) if cfg.trainer.check_memory else None,
+    estimates = {"memory": check_memory(cfg, background) if cfg.trainer.check_memory else None,
                  "disk": check_disk(cfg) if distills else None}
     check_tasks(cfg)
     check_sources(cfg)
@@ -114,26 +116,40 @@ def _stage_need(row: dict) -> float:
     return max(row["memory_gib"], parts.get("load_peak", 0.0)) * GIB
 
 
-def check_memory(cfg) -> dict:
+def check_memory(cfg, background: bool = False) -> dict:
     """Refuse a plan whose peak stage needs more memory than the trainer's device has free
-    (estimated from the cards by factory/dry_run.py, before any weight loads)."""
+    (estimated from the cards by factory/dry_run.py, before any weight loads). With
+    `background`, an evaluation may run beside any training stage: the peak is then the
+    largest training stage plus the largest evaluation, when that is more."""
     costs = plan_costs(cfg)
     peak = max(costs["stages"], key=_stage_need)
     # CPU processes of one launch share the host's memory; GPUs are checked one device each
     processes = costs["devices"]["count"] if cfg.trainer.device == "cpu" else 1
     need = _stage_need(peak) * processes
+    beside = None  # the background worker's largest evaluation, when it raises the peak
+    evals = [s for s in costs["stages"] if s["stage"].startswith("eval/")]
+    trains = [s for s in costs["stages"] if not s["stage"].startswith("eval/")]
+    if background and evals and trains:
+        top_train, top_eval = max(trains, key=_stage_need), max(evals, key=_stage_need)
+        if _stage_need(top_train) + _stage_need(top_eval) > need:
+            peak, beside = top_train, top_eval
+            need = _stage_need(top_train) + _stage_need(top_eval)
     available, where = available_memory(cfg.trainer.device)
     estimate = {"stage": peak["stage"], "need_gib": need / GIB, "available_gib": available / GIB,
                 "measured": where, "parts_gib": peak["memory_parts_gib"]}
-    log.info("memory: stage %s needs about %.3g GiB (%s: %.3g GiB)", peak["stage"], need / GIB,
-             where, available / GIB)
+    if beside is not None:
+        estimate["background_eval"] = {"stage": beside["stage"],
+                                       "gib": _stage_need(beside) / GIB}
+    log.info("memory: stage %s%s needs about %.3g GiB (%s: %.3g GiB)", peak["stage"],
+             "" if beside is None else f" with {beside['stage']} beside it", need / GIB, where,
+             available / GIB)
     if need <= available:
         return estimate
-    raise ConfigError(_memory_message(cfg, peak, need, available, where, processes))
+    raise ConfigError(_memory_message(cfg, peak, need, available, where, processes, beside))
 
 
 def _memory_message(cfg, peak: dict, need: float, available: float, where: str,
-                    processes: int) -> str:
+                    processes: int, beside: dict | None = None) -> str:
     card = cfg.student if peak["model"] == cfg.student.name else cfg.teacher
     fields = {"model": card.name, "teacher": cfg.teacher.name,
               "params": f"{count_params(card)['total'] / 1e9:.3g}B params"}
@@ -155,6 +171,11 @@ def _memory_message(cfg, peak: dict, need: float, available: float, where: str,
         options.append("run the teacher on other nodes (backend=vllm_server backend.url=...)")
     options.append("skip this check where the estimate is wrong for this machine "
                    "(trainer.check_memory=false)")
+    if beside is not None:
+        parts.append(f"the background evaluation {beside['stage']} beside it: "
+                     f"{_stage_need(beside) / GIB:.3g} GiB")
+        options.insert(0, "evaluate in the main process, after training "
+                          "(pipeline.eval.background=false)")
     return (f"stage {peak['stage']} needs about {need / GIB:.3g} GiB{per} of "
             f"{cfg.trainer.device} memory, estimated from the cards before loading anything "
             f"({'; '.join(parts)}), but {available / GIB:.3g} GiB is {where}. Options: "

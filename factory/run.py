@@ -54,14 +54,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     check_pair(cfg.student, cfg.teacher)  # before any weight loads
     if cfg.dry_run:  # the plan, costed from the cards: nothing loads, the store is not touched
         return dry_run(cfg, run_dir, announce=rank.main)
-    preflight(cfg)  # memory, disk, data, sources: refused before any compute
+    threads = cpu_threads(cfg.trainer.num_threads, rank.world) if cfg.trainer.device == "cpu" \
+        else None
+    # memory (with a background evaluation beside training when there is one), disk, data,
+    # sources: refused before any compute
+    preflight(cfg, background=background_evals_apply(cfg, rank.world, threads))
     info = describe_pair(cfg)
     for role in ("student", "teacher"):
         p = info[role]["params"]
         log.info("%s %s: %d params (%d active), %.3g train FLOPs/token", role, info[role]["name"],
                  p["total"], p["active"], info[role]["flops_per_token"]["train"])
-    threads = cpu_threads(cfg.trainer.num_threads, rank.world) if cfg.trainer.device == "cpu" \
-        else None
     if threads:
         torch.set_num_threads(threads)
         log.info("torch threads: %d (trainer.num_threads=%d)", threads, cfg.trainer.num_threads)

@@ -211,6 +211,11 @@ def _cost(doc: Document, run: Run, shares: dict[str, int], plot_dir: Path) -> No
     if made_of:
         doc.para("Stages charged to each row:", note=True)
         doc.bullets(made_of)
+    checked = tables.stop_checks(run)
+    if checked:
+        doc.para("Stages that trained until a check passed (their step counts are budgets):",
+                 note=True)
+        doc.bullets(checked)
     png = plots.cost_breakdown(run, shares, plot_dir / "cost.png")
     if png:
         doc.image(png, run.dir, "cost breakdown")

@@ -202,6 +202,24 @@ def stage_breakdown(run: Run, shares: dict[str, int] | None = None) -> list[dict
     return rows
 
 
+def stop_checks(run: Run) -> list[str]:
+    """A line per stage that trained until a check passed (factory.loop.StopCheck): where it
+    stopped, its last value and the target (from the notes recorded when it was made)."""
+    lines = []
+    for e in run.stages:
+        src = (e.get("original") or {}) if e.get("reused") else e
+        notes = src.get("notes") or {}
+        checks = notes.get("checks") or []
+        if "check_target" not in notes or not checks:
+            continue
+        step, value = checks[-1]
+        verdict = ("reached" if notes.get("check_passed") else
+                   "NOT reached: the stage ran out of steps and kept its last weights")
+        lines.append(f"{e['stage']}: held-out Pass@1 {value:.3f} after {step} steps "
+                     f"({len(checks)} checks), target {notes['check_target']:g} {verdict}")
+    return lines
+
+
 def device_kinds(run: Run) -> list[str]:
     """'cpu x2' / 'NVIDIA H100 ... x8': the devices the ledger's stages were made on."""
     return list(dict.fromkeys(f"{c['device']} x{c['device_count']}"

@@ -6,6 +6,7 @@ shard of each global batch (factory/stages/lm.py) and rank 0 saves the model."""
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 
 from omegaconf import OmegaConf
@@ -13,13 +14,16 @@ from omegaconf import OmegaConf
 from factory import chat
 from factory.flops import train_flops
 from factory.ledger import StageCost
-from factory.loop import save_model, train
+from factory.evaluation import evaluate
+from factory.loop import StopCheck, save_model, train
 from factory.models import load_model, write_source
 from factory.pipeline import Stage, StageContext
 from factory.stages.lm import PretrainData, SFTData, pack_blocks
 from factory.tasks.registry import build_task
 from factory.tokenizer import load_tokenizer
 from students.builders import build_model, count_params
+
+log = logging.getLogger(__name__)
 
 
 def card_inputs(card) -> dict:
@@ -108,15 +112,39 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int,
     return out
 
 
+def pass_at_1_check(card, task, problems, *, target: float, samples: int, every: int,
+                    after: int, seed: int, batch_size: int) -> StopCheck:
+    """A StopCheck on thinking-mode Pass@1 over `problems`, sampled with the card's thinking
+    settings from a generator of its own (seeded by seed and step)."""
+    tokenizer = tokenizer_for(card)
+
+    def measure(model, step: int) -> float:
+        result = evaluate(model, tokenizer, task, problems, mode="think", n_samples=samples,
+                          ks=[1], sampling=card.thinking, batch_size=batch_size,
+                          seed=seed * 1_000_003 + step)
+        return result["pass@1"]
+
+    return StopCheck(name="check_pass@1", measure=measure, target=target, every=every,
+                     after=after)
+
+
 def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: int, lr: float,
               warmup_ratio: float, n_examples: int, max_len: int, seed: int, cfg,
-              arm: str, think_ratio: float = 0.5) -> Stage:
+              arm: str, think_ratio: float = 0.5, check=None) -> Stage:
     """SFT of the `base` stage's model on n verified traces of the task's train split in both
-    modes (`think_ratio` of them /think, spread evenly), loss on the assistant turn only."""
+    modes (`think_ratio` of them /think, spread evenly), loss on the assistant turn only.
+
+    `check` (a BootstrapCheckConfig with pass_at_1 > 0) makes the step count a budget: the
+    model's thinking-mode Pass@1 on the `check.problems` train problems after the SFT examples
+    is measured as it trains, training stops at the first check that reaches the target, and
+    up to `check.extra_steps` more steps at the schedule's final lr follow while it fails."""
+    checking = check is not None and check.pass_at_1 > 0
     inputs = {"card": card_inputs(card), "task": _corpus_inputs(task_cfg), "steps": steps,
               "batch_size": batch_size, "lr": lr, "warmup_ratio": warmup_ratio,
               "n_examples": n_examples, "max_len": max_len, "seed": seed,
               "think_ratio": think_ratio}
+    if checking:
+        inputs["check"] = OmegaConf.to_container(check, resolve=True)
 
     def build(ctx: StageContext) -> StageCost:
         tokenizer = tokenizer_for(card)
@@ -127,13 +155,30 @@ def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: i
         data = SFTData(examples, batch_size, seed, tokenizer.pad_token_id)
         model = load_model(ctx.upstream[base], card, device=cfg.trainer.device, dtype="float32")
         model.train()
-        result = train(model, data.micro_step, stage=ctx.name, steps=steps, lr=lr,
+        stop, total = None, steps
+        if checking:
+            held_out = task.problems("train", n_examples + check.problems)[n_examples:]
+            stop = pass_at_1_check(card, task, held_out, target=check.pass_at_1,
+                                   samples=check.samples, every=check.every, after=check.after,
+                                   seed=seed, batch_size=cfg.pipeline.eval.batch_size)
+            total = steps + check.extra_steps
+        result = train(model, data.micro_step, stage=ctx.name, steps=total, lr=lr,
                        warmup_ratio=warmup_ratio, grad_accum=1, trainer_cfg=cfg.trainer,
-                       work_dir=ctx.work, metrics=ctx.metrics)
+                       work_dir=ctx.work, metrics=ctx.metrics, stop=stop, schedule_steps=steps)
         save_model(model, tokenizer, ctx.out)
         active = count_params(card)["flops_params"]
+        notes = {"steps": result.steps, "resumed_from": result.resumed_from}
+        if checking:
+            notes.update(check_target=check.pass_at_1, check_passed=result.passed,
+                         checks=[list(c) for c in result.checks])
+            if not result.passed:
+                log.warning("stage %r: thinking-mode Pass@1 on %d held-out train problems is "
+                            "%.3f after %d steps, below the target %.3f: the model is kept; "
+                            "raise teacher.bootstrap.check.extra_steps or sft_steps, or change "
+                            "the seed", ctx.name, check.problems, result.checks[-1][1],
+                            result.steps, check.pass_at_1)
         return StageCost(tokens=result.tokens, flops=train_flops(active, result.tokens),
-                         notes={"steps": result.steps, "resumed_from": result.resumed_from})
+                         notes=notes)
 
     return Stage(name=name, kind="model", inputs=inputs, build=build, needs=[base], arm=arm,
                  distributed=True)

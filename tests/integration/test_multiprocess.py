@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from factory.inspect import compose
 from factory.run import run
 from factory.store import Artifact, Store
+from tiny_sizes import CHECK_TINY
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,7 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 TRAINED = ("teacher/sft", "student/base", "distill/off_policy")  # rebuilt by the 2-process run
 OVERRIDES = [
     "pipeline=distill", "pipeline.stages=[teacher,base_student,distill,eval]",
+    *CHECK_TINY,
     "teacher.bootstrap.pretrain_steps=4", "teacher.bootstrap.sft_steps=4",
     "teacher.bootstrap.batch_size=8", "teacher.bootstrap.sft_examples=64",
     "teacher.thinking.max_new_tokens=32", "teacher.non_thinking.max_new_tokens=16",

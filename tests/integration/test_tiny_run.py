@@ -15,6 +15,7 @@ import pytest
 from factory.inspect import compose
 from tiny_sizes import BOOTSTRAP_TINY
 from factory.run import run
+from reports.build import build
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +42,20 @@ def test_default_pipeline_then_a_rerun_that_reuses_everything(tmp_path):
     assert {"teacher/pretrain", "teacher/sft", "student/base"} <= set(stages)
     assert not any(e["reused"] for e in stages.values())
     assert stages["teacher/sft"]["tokens"] > 0 and stages["teacher/sft"]["flops"] > 0
+    # the SFT is checked on held-out problems at steps 2, 4 and 6 (tiny_sizes.CHECK_TINY); a
+    # 4-step teacher does not reach 0.9, so it trains its 2 extra steps and says so
+    notes = stages["teacher/sft"]["notes"]
+    assert [step for step, _ in notes["checks"]] == [2, 4, 6] and notes["steps"] == 6
+    assert notes["check_passed"] is False and notes["check_target"] == 0.9
+    assert all(0.0 <= value < 0.9 for _, value in notes["checks"])
     metrics = [json.loads(line) for line in
                (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()]
     assert {m["stage"] for m in metrics} >= {"teacher/pretrain", "teacher/sft", "student/base"}
+    checked = [(m["step"], m["check_pass@1"]) for m in metrics if "check_pass@1" in m]
+    assert checked == [tuple(c) for c in notes["checks"]]
+    build(tmp_path / "run1")
+    report = (tmp_path / "run1" / "report.md").read_text()
+    assert "teacher/sft: held-out Pass@1" in report and "NOT reached" in report
     assert (tmp_path / "run1" / "config.yaml").exists()
 
     start = time.perf_counter()

@@ -1,9 +1,18 @@
 """The smallest sizes at which the tiny world's pipelines still run every stage: shared by the
 integration tests (imported as a plain module: pytest puts this directory on sys.path)."""
 
+# the bootstrap SFT's held-out check at its smallest: checked at steps 2, 4 and 6; a 4-step
+# teacher never reaches the target, so it also takes the 2 steps past the schedule
+CHECK_TINY = [
+    "teacher.bootstrap.check.after=2", "teacher.bootstrap.check.every=2",
+    "teacher.bootstrap.check.extra_steps=2", "teacher.bootstrap.check.problems=4",
+    "teacher.bootstrap.check.samples=2",
+]
+
 # teacher bootstrap, base student and their eval (pipeline=bootstrap)
 BOOTSTRAP_TINY = [
     "pipeline=bootstrap",
+    *CHECK_TINY,
     "teacher.bootstrap.pretrain_steps=4", "teacher.bootstrap.sft_steps=4",
     "teacher.bootstrap.batch_size=8", "teacher.bootstrap.sft_examples=64",
     "pipeline.pretrain.steps=4", "pipeline.pretrain.batch_size=8",
@@ -19,6 +28,7 @@ BOOTSTRAP_TINY = [
 # the default pipeline (compare): both arms, every table row
 COMPARE_TINY = [
     "pipeline=compare",
+    *CHECK_TINY,
     "teacher.bootstrap.pretrain_steps=4", "teacher.bootstrap.sft_steps=4",
     "teacher.bootstrap.batch_size=8", "teacher.bootstrap.sft_examples=64",
     "teacher.thinking.max_new_tokens=32", "teacher.non_thinking.max_new_tokens=16",

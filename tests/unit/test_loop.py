@@ -15,8 +15,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from factory import loop
 from factory.config import LoggerConfig, TrainerConfig
-from factory.errors import ArtifactError, NonFiniteError
-from factory.loop import StepOutput, lr_multiplier, save_model, train
+from factory.errors import ArtifactError, ConfigError, NonFiniteError
+from factory.loop import StepOutput, StopCheck, lr_multiplier, save_model, train
 from factory.metrics import MetricsLogger
 
 pytestmark = pytest.mark.unit
@@ -65,11 +65,11 @@ def lm_micro_step(batch: int, grad_accum: int, *, fixed_data: bool = False, nan_
 
 
 def run(model, micro_step, work_dir, *, steps=4, grad_accum=1, lr=1e-2, warmup_ratio=0.25,
-        cfg=CPU, metrics=None, extra_state=None):
+        cfg=CPU, metrics=None, extra_state=None, stop=None, schedule_steps=None):
     return train(
         model, micro_step, stage="sft", steps=steps, lr=lr, warmup_ratio=warmup_ratio,
         grad_accum=grad_accum, trainer_cfg=cfg, work_dir=Path(work_dir), metrics=metrics,
-        extra_state=extra_state,
+        extra_state=extra_state, stop=stop, schedule_steps=schedule_steps,
     )
 
 
@@ -114,6 +114,64 @@ def test_schedule_warmup_then_cosine_to_ten_percent(tmp_path):
             metrics=logger)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([2e-3 * lr_multiplier(s, 12, 0.25) for s in range(1, 13)])
+
+
+class MemorisedShare:
+    """A StopCheck measure: minus the model's CE on the memorisation batch, and its calls."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, bool, bool]] = []  # (step, training mode, grad enabled)
+
+    def __call__(self, model, step):
+        self.calls.append((step, model.training, torch.is_grad_enabled()))
+        x_bt = torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(0))
+        logits_btv = model(input_ids=x_bt).logits[:, :-1]
+        return -F.cross_entropy(logits_btv.reshape(-1, VOCAB), x_bt[:, 1:].reshape(-1)).item()
+
+
+def test_stop_check_ends_training_at_the_first_passing_check(tmp_path):
+    memorise = lm_micro_step(8, 1, fixed_data=True)
+    # the reference never passes: it trains all 40 steps and records every check
+    never = MemorisedShare()
+    ref = run(tiny_model(), memorise, tmp_path / "ref", steps=40, schedule_steps=30,
+              stop=StopCheck("neg_ce", never, target=0.0, every=5, after=10))
+    assert ref.steps == 40 and ref.passed is False
+    assert [s for s, _ in ref.checks] == [10, 15, 20, 25, 30, 35, 40]
+    assert all(not training and not grad for _, training, grad in never.calls)
+    values = dict(ref.checks)
+    target = values[25] - 1e-6  # reached first at step 25 (the CE only falls on this batch)
+    assert values[20] < target
+
+    measure = MemorisedShare()
+    stopped_model = tiny_model()
+    result = run(stopped_model, memorise, tmp_path / "w", steps=40, schedule_steps=30,
+                 stop=StopCheck("neg_ce", measure, target=target, every=5, after=10))
+    assert result.passed is True and result.steps == 25
+    # checks measure, they do not steer: the same values as the run that never stopped
+    assert result.checks == [(s, values[s]) for s in (10, 15, 20, 25)]
+    assert result.final_metrics["neg_ce"] == values[25]
+    assert measure(stopped_model.eval(), 25) == values[25]  # the weights are step 25's
+
+    # a rerun finds the passed check in the checkpoint: no training, no new check
+    again = MemorisedShare()
+    rerun = run(tiny_model(seed=1), memorise, tmp_path / "w", steps=40, schedule_steps=30,
+                stop=StopCheck("neg_ce", again, target=target, every=5, after=10))
+    assert rerun.resumed_from == 25 and rerun.passed is True and again.calls == []
+    assert rerun.checks == result.checks
+
+
+def test_steps_past_the_schedule_stay_at_its_final_lr(tmp_path):
+    assert lr_multiplier(13, 12, 0.25) == lr_multiplier(40, 12, 0.25) == pytest.approx(0.1)
+    with MetricsLogger(tmp_path, LoggerConfig(mode="disabled")) as logger:
+        run(tiny_model(), lm_micro_step(2, 1), tmp_path / "w", steps=16, schedule_steps=12,
+            lr=2e-3, metrics=logger)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2e-3 * lr_multiplier(s, 12, 0.25) for s in range(1, 13)]
+                                + [2e-4] * 4)
+    with pytest.raises(ConfigError, match="schedule"):
+        run(tiny_model(), lm_micro_step(2, 1), tmp_path / "x", steps=4, schedule_steps=5)
+    with pytest.raises(ConfigError, match="every"):
+        StopCheck("x", MemorisedShare(), target=0.0, every=0)
 
 
 def test_metrics_jsonl_lines(tmp_path):

@@ -19,7 +19,8 @@ from factory.tasks import code
 
 pytestmark = pytest.mark.unit
 
-BIG = ["student=qwen3-14b", "teacher=qwen3-32b", "trainer=cpu"]
+# evaluations in the main process: whether a background worker applies depends on the idle cores
+BIG = ["student=qwen3-14b", "teacher=qwen3-32b", "trainer=cpu", "pipeline.eval.background=false"]
 
 
 def refused(overrides, error=ConfigError) -> str:
@@ -47,6 +48,33 @@ def test_the_tiny_world_passes_and_reports_its_estimates(tmp_path):
     estimates = preflight(compose([f"artifacts_dir={tmp_path}"]))
     assert 0 < estimates["memory"]["need_gib"] < estimates["memory"]["available_gib"]
     assert 0 < estimates["disk"]["cache_gib_at_most"] < estimates["disk"]["free_gib"]
+
+
+def test_a_background_evaluation_counts_beside_the_largest_training_stage(tmp_path,
+                                                                          monkeypatch):
+    from factory import preflight as pf
+
+    cfg = compose([f"artifacts_dir={tmp_path}"])
+    alone = pf.check_memory(cfg)
+    both = pf.check_memory(cfg, background=True)
+    stages = {s["stage"]: s for s in pf.plan_costs(cfg)["stages"]}
+    top_eval = max((s for s in stages if s.startswith("eval/")),
+                   key=lambda s: pf._stage_need(stages[s]))
+    assert both["stage"] == alone["stage"] and not alone["stage"].startswith("eval/")
+    assert both["background_eval"]["stage"] == top_eval
+    assert both["need_gib"] == pytest.approx(
+        alone["need_gib"] + pf._stage_need(stages[top_eval]) / pf.GIB)
+
+    # memory for the training stage alone, not for an evaluation beside it: refused, and told
+    # how to evaluate afterwards instead
+    between = (alone["need_gib"] + both["need_gib"]) / 2 * pf.GIB
+    monkeypatch.setattr(pf, "available_memory", lambda device: (between, "free in this test"))
+    assert pf.check_memory(cfg)["need_gib"] == alone["need_gib"]
+    with pytest.raises(ConfigError) as err:
+        pf.check_memory(cfg, background=True)
+    message = str(err.value)
+    assert f"the background evaluation {top_eval} beside it" in message
+    assert "pipeline.eval.background=false" in message
 
 
 def test_vocab_mismatch_is_refused_before_anything_runs(tmp_path):

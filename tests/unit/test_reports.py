@@ -179,6 +179,26 @@ def test_teacher_side_cost_is_amortised_over_the_runs_that_share_it(tmp_path, co
     assert "/store/dataset/offpolicy: shared by 2 runs" in (sweep / "report.md").read_text()
 
 
+def test_stages_that_trained_until_a_check_passed_are_named_with_the_outcome(tmp_path,
+                                                                            config_yaml):
+    checked = {"check_target": 0.9, "check_passed": True, "checks": [[1000, 0.71], [1250, 0.93]]}
+    failed = {"check_target": 0.9, "check_passed": False, "checks": [[1000, 0.2], [4000, 0.61]]}
+    sft = entry("teacher/sft", "teacher", 2.0)
+    sft.notes = checked
+    other = entry("other/sft", "teacher", 1.0, reused=True)
+    other.original["notes"] = failed
+    run = write_run(tmp_path / "run", config_yaml,
+                    stages=[entry("teacher/pretrain", "teacher", 1.0), sft, other],
+                    evals=[eval_result("teacher", "think", [N, N // 2])])
+    build(run)
+    md = (run / "report.md").read_text()
+    assert ("- teacher/sft: held-out Pass@1 0.930 after 1250 steps (2 checks), target 0.9 reached"
+            in md)
+    assert ("- other/sft: held-out Pass@1 0.610 after 4000 steps (2 checks), target 0.9 NOT "
+            "reached" in md)
+    assert "teacher/pretrain: held-out" not in md
+
+
 def test_pass_at_k_curve_is_the_unbiased_estimator_of_the_eval_file():
     r = eval_result("base", "think", [0, 1, 5, 63, 64])
     ks, curve = tables.pass_at_k_curve(r)
