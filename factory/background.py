@@ -16,9 +16,11 @@ without this option.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,7 +30,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from factory.environment import available_cores
+from factory.config import LoggerConfig
 from factory.ledger import Ledger, LedgerEntry
+from factory.metrics import MetricsLogger
 from factory.pipeline import Pipeline, Stage
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,8 @@ class BackgroundEvals:
         except BrokenProcessPool:
             self._broken = True
             return
-        log.info("stage %s: evaluating in the background", stage.name)
+        log.info("stage %s: %s in the background", stage.name,
+                 "evaluating" if stage.kind == "eval" else "building")
         self._futures[stage.name] = future
 
     def result(self, stage: Stage) -> LedgerEntry | None:
@@ -123,8 +128,29 @@ def _build_stage(cfg_yaml: str, name: str, upstream: dict[str, tuple[str, str]],
     cfg = OmegaConf.create(cfg_yaml)
     stage = next(s for s in build_plan(cfg).stages if s.name == name)
     store = Store(cfg.artifacts_dir)
-    pipeline = Pipeline(store, Path(run_dir), ledger=Ledger(Path(run_dir), write=False))
-    for need, (kind, key) in upstream.items():
-        pipeline.artifacts[need] = store.get(kind, key)
-    pipeline.run(stage)
+    # a training stage's metrics go to a file of the worker's own; the main process copies
+    # them into the run's metrics.jsonl (and wandb) when it takes the stage (replay_metrics)
+    with MetricsLogger(worker_metrics_dir(Path(run_dir), name),
+                       LoggerConfig(mode="disabled")) as metrics:
+        pipeline = Pipeline(store, Path(run_dir), metrics=metrics,
+                            ledger=Ledger(Path(run_dir), write=False))
+        for need, (kind, key) in upstream.items():
+            pipeline.artifacts[need] = store.get(kind, key)
+        pipeline.run(stage)
     return pipeline.ledger.entries[-1]
+
+
+def worker_metrics_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / ".background" / stage.replace("/", "-")
+
+
+def replay_metrics(run_dir: Path, stage: str, metrics: MetricsLogger) -> int:
+    """Copy the worker's metric lines for `stage` into the run's logger; how many."""
+    path = worker_metrics_dir(run_dir, stage) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        metrics.replay(record)
+    shutil.rmtree(path.parent, ignore_errors=True)
+    return len(records)

@@ -314,6 +314,10 @@ class PipelineConfig:
     four_stage: FourStageConfig = field(default_factory=FourStageConfig)
     # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
     pretrain_corpus_size: int = 20_000
+    # with background evaluations (eval.background): also give the worker, at the start, every
+    # training stage that needs nothing from the plan but is not its first (the base student
+    # beside the teacher's bootstrap); same weights, two trainings in memory at once
+    background_roots: bool = False
 
 
 @dataclass

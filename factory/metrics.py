@@ -58,11 +58,19 @@ class MetricsLogger:
             return
         record = {"stage": stage, "step": step, "time": time.time()}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
+        self.replay(record)
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Write one line as logged (by `log`, or by another process of the run, whose stage,
+        step and time it keeps), and send it to wandb."""
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb_run is not None:
             # wandb wants one monotonic step across the run while every stage counts from 1, so
             # the stage's step goes in as a metric and wandb keeps its own counter
+            stage = record["stage"]
             data = {f"{stage}/{k}": v for k, v in record.items() if k not in ("stage", "time")}
             self._guard("log", lambda: self._wandb_run.log(data))
 

@@ -51,7 +51,7 @@ _PARTS = {
 }
 
 
-def preflight(cfg, background: bool = False) -> dict:
+def preflight(cfg, background: bool = False, background_roots: bool = False) -> dict:
     """Run every check (module docstring); return the memory and disk estimates. `background`:
     evaluations run in a worker process beside training (factory/background.py), so the memory
     check adds the largest evaluation to the largest training stage."""
@@ -60,7 +60,8 @@ def preflight(cfg, background: bool = False) -> dict:
     distills = "distill" in cfg.pipeline.stages
     if distills:
         check_cache_k(cfg)
-    estimates = {"memory": check_memory(cfg, background) if cfg.trainer.check_memory else None,
+    estimates = {"memory": (check_memory(cfg, background, background_roots)
+                            if cfg.trainer.check_memory else None),
                  "disk": check_disk(cfg) if distills else None}
     check_tasks(cfg)
     check_sources(cfg)
@@ -116,7 +117,7 @@ def _stage_need(row: dict) -> float:
     return max(row["memory_gib"], parts.get("load_peak", 0.0)) * GIB
 
 
-def check_memory(cfg, background: bool = False) -> dict:
+def check_memory(cfg, background: bool = False, background_roots: bool = False) -> dict:
     """Refuse a plan whose peak stage needs more memory than the trainer's device has free
     (estimated from the cards by factory/dry_run.py, before any weight loads). With
     `background`, an evaluation may run beside any training stage: the peak is then the
@@ -134,11 +135,22 @@ def check_memory(cfg, background: bool = False) -> dict:
         if _stage_need(top_train) + _stage_need(top_eval) > need:
             peak, beside = top_train, top_eval
             need = _stage_need(top_train) + _stage_need(top_eval)
+    if background_roots:  # a root stage trains in the worker beside the main process's stages
+        plan = build_plan(cfg)
+        roots = {s.name for s in plan.stages[1:] if not s.needs and s.kind != "eval"}
+        in_worker = [s for s in trains if s["stage"] in roots]
+        if in_worker:
+            top_root = max(in_worker, key=_stage_need)
+            others = [s for s in trains if s is not top_root]
+            top_other = max(others, key=_stage_need) if others else None
+            if top_other and _stage_need(top_root) + _stage_need(top_other) > need:
+                peak, beside = top_other, top_root
+                need = _stage_need(top_root) + _stage_need(top_other)
     available, where = available_memory(cfg.trainer.device)
     estimate = {"stage": peak["stage"], "need_gib": need / GIB, "available_gib": available / GIB,
                 "measured": where, "parts_gib": peak["memory_parts_gib"]}
     if beside is not None:
-        estimate["background_eval"] = {"stage": beside["stage"],
+        estimate["background"] = {"stage": beside["stage"],
                                        "gib": _stage_need(beside) / GIB}
     log.info("memory: stage %s%s needs about %.3g GiB (%s: %.3g GiB)", peak["stage"],
              "" if beside is None else f" with {beside['stage']} beside it", need / GIB, where,
@@ -172,10 +184,12 @@ def _memory_message(cfg, peak: dict, need: float, available: float, where: str,
     options.append("skip this check where the estimate is wrong for this machine "
                    "(trainer.check_memory=false)")
     if beside is not None:
-        parts.append(f"the background evaluation {beside['stage']} beside it: "
+        what = "evaluation" if beside["stage"].startswith("eval/") else "stage"
+        parts.append(f"the background {what} {beside['stage']} beside it: "
                      f"{_stage_need(beside) / GIB:.3g} GiB")
         options.insert(0, "evaluate in the main process, after training "
-                          "(pipeline.eval.background=false)")
+                          "(pipeline.eval.background=false)" if what == "evaluation" else
+                          "train it in the main process (pipeline.background_roots=false)")
     return (f"stage {peak['stage']} needs about {need / GIB:.3g} GiB{per} of "
             f"{cfg.trainer.device} memory, estimated from the cards before loading anything "
             f"({'; '.join(parts)}), but {available / GIB:.3g} GiB is {where}. Options: "

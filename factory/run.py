@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from factory.background import BackgroundEvals, background_evals_apply
+from factory.background import BackgroundEvals, background_evals_apply, replay_metrics
 from factory.config import check_schema, register
 from factory.dry_run import dry_run
 from factory.environment import cpu_threads, environment
@@ -58,7 +58,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         else None
     # memory (with a background evaluation beside training when there is one), disk, data,
     # sources: refused before any compute
-    preflight(cfg, background=background_evals_apply(cfg, rank.world, threads))
+    background_on = background_evals_apply(cfg, rank.world, threads)
+    preflight(cfg, background=background_on,
+              background_roots=background_on and cfg.pipeline.background_roots)
     info = describe_pair(cfg)
     for role in ("student", "teacher"):
         p = info[role]["params"]
@@ -78,12 +80,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                             enabled=rank.main)
     pipeline = Pipeline(Store(cfg.artifacts_dir), run_dir, metrics)
     background = (BackgroundEvals(cfg, run_dir, threads)
-                  if background_evals_apply(cfg, rank.world, threads) else None)
+                  if background_on else None)
     finished, start = False, time.perf_counter()
     try:
+        if background and cfg.pipeline.background_roots:  # e.g. the base student, at once
+            for root in plan.stages[1:]:
+                if not root.needs and root.kind != "eval":
+                    background.submit(root, pipeline)
         for stage in plan.stages:
-            entry = background.result(stage) if background and stage.kind == "eval" else None
-            if entry is None or not pipeline.adopt(stage, entry):
+            entry = background.result(stage) if background else None
+            if entry is not None and pipeline.adopt(stage, entry):
+                replay_metrics(run_dir, stage.name, metrics)
+            else:
                 pipeline.run(stage)
             if background:  # every eval whose model now exists goes to the idle core
                 for ready in plan.stages:

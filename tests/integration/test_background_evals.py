@@ -4,8 +4,11 @@ that reuses everything without starting a worker."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from factory.background import background_evals_apply
 from factory.inspect import compose
@@ -74,3 +77,32 @@ def test_background_evals_give_the_main_process_numbers(tmp_path, caplog):
     assert "in the background" not in caplog.text  # everything reused: no worker started
     ledger = json.loads((tmp_path / "rerun" / "ledger.json").read_text())
     assert all(e["reused"] for e in ledger["stages"])
+
+
+@pytest.mark.skipif(CORES < 2, reason="the worker needs a core beside the training's")
+def test_the_base_student_trains_in_the_worker_beside_the_teacher(tmp_path, caplog):
+    caplog.set_level("INFO")
+    cfg = compose(BOOTSTRAP_TINY + [f"artifacts_dir={tmp_path / 'roots'}",
+                                    "pipeline.background_roots=true"])
+    beside = run(cfg, tmp_path / "run_roots")
+    assert "stage student/base: building in the background" in caplog.text
+    assert "stage student/base: built in the background" in caplog.text
+    main = run(compose(BOOTSTRAP_TINY + [f"artifacts_dir={tmp_path / 'main'}"]),
+               tmp_path / "run_main")
+    assert beside["models"] == main["models"]  # same base weights, so the same numbers
+    entries = {d: next(e for e in json.loads((tmp_path / d / "ledger.json").read_text())["stages"]
+                       if e["stage"] == "student/base") for d in ("run_roots", "run_main")}
+    entry = entries["run_roots"]
+    assert not entry["reused"] and entry["wall_s"] > 0 and entry["tokens"] > 0
+    weights = {d: load_file(next(Path(e["artifact"]).glob("*.safetensors")))
+               for d, e in entries.items()}
+    assert weights["run_roots"].keys() == weights["run_main"].keys()
+    assert all(torch.equal(weights["run_roots"][k], weights["run_main"][k])
+               for k in weights["run_main"])
+    # its training curve is in the run's metrics, as when the main process trains it
+    lines = lambda d: [(m["step"], m["loss"]) for m in map(  # noqa: E731
+        json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+        if m["stage"] == "student/base"]
+    assert lines("run_roots") == lines("run_main") and lines("run_roots")
+    assert not (tmp_path / "run_roots" / ".background").exists() or not any(
+        (tmp_path / "run_roots" / ".background").iterdir())

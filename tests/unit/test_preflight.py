@@ -61,7 +61,7 @@ def test_a_background_evaluation_counts_beside_the_largest_training_stage(tmp_pa
     top_eval = max((s for s in stages if s.startswith("eval/")),
                    key=lambda s: pf._stage_need(stages[s]))
     assert both["stage"] == alone["stage"] and not alone["stage"].startswith("eval/")
-    assert both["background_eval"]["stage"] == top_eval
+    assert both["background"]["stage"] == top_eval
     assert both["need_gib"] == pytest.approx(
         alone["need_gib"] + pf._stage_need(stages[top_eval]) / pf.GIB)
 
@@ -75,6 +75,20 @@ def test_a_background_evaluation_counts_beside_the_largest_training_stage(tmp_pa
     message = str(err.value)
     assert f"the background evaluation {top_eval} beside it" in message
     assert "pipeline.eval.background=false" in message
+
+
+def test_a_root_stage_in_the_worker_counts_beside_the_largest_other_training_stage(tmp_path):
+    from factory import preflight as pf
+
+    cfg = compose([f"artifacts_dir={tmp_path}", "pipeline.background_roots=true"])
+    stages = {s["stage"]: s for s in pf.plan_costs(cfg)["stages"]}
+    need = {name: pf._stage_need(row) / pf.GIB for name, row in stages.items()}
+    others = [n for n in need if not n.startswith("eval/") and n != "student/base"]
+    top_other = max(others, key=need.get)
+    estimate = pf.check_memory(cfg, background_roots=True)
+    assert estimate["background"]["stage"] == "student/base"  # the base is the only root
+    assert estimate["stage"] == top_other
+    assert estimate["need_gib"] == pytest.approx(need["student/base"] + need[top_other])
 
 
 def test_vocab_mismatch_is_refused_before_anything_runs(tmp_path):
