@@ -46,6 +46,12 @@ def background_evals_apply(cfg, world: int, threads: int | None) -> bool:
     return threads is not None and available_cores() > threads
 
 
+def root_stages(stages: list[Stage]) -> list[Stage]:
+    """The training stages that need nothing from the plan, except its first (which the main
+    process starts with): what `pipeline.background_roots` gives the worker at once."""
+    return [s for s in stages[1:] if not s.needs and s.kind != "eval"]
+
+
 class BackgroundEvals:
     """One worker process that builds eval stages submitted to it, in submission order."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+from factory.background import root_stages
 from factory.dry_run import STATE_BYTES_PER_PARAM, plan_costs
 from factory.errors import ConfigError
 from factory.guards import check_guard_config
@@ -127,31 +128,23 @@ def check_memory(cfg, background: bool = False, background_roots: bool = False) 
     # CPU processes of one launch share the host's memory; GPUs are checked one device each
     processes = costs["devices"]["count"] if cfg.trainer.device == "cpu" else 1
     need = _stage_need(peak) * processes
-    beside = None  # the background worker's largest evaluation, when it raises the peak
-    evals = [s for s in costs["stages"] if s["stage"].startswith("eval/")]
+    beside = None  # the worker's stage, when running it beside a training stage raises the peak
     trains = [s for s in costs["stages"] if not s["stage"].startswith("eval/")]
-    if background and evals and trains:
-        top_train, top_eval = max(trains, key=_stage_need), max(evals, key=_stage_need)
-        if _stage_need(top_train) + _stage_need(top_eval) > need:
-            peak, beside = top_train, top_eval
-            need = _stage_need(top_train) + _stage_need(top_eval)
-    if background_roots:  # a root stage trains in the worker beside the main process's stages
-        plan = build_plan(cfg)
-        roots = {s.name for s in plan.stages[1:] if not s.needs and s.kind != "eval"}
-        in_worker = [s for s in trains if s["stage"] in roots]
-        if in_worker:
-            top_root = max(in_worker, key=_stage_need)
-            others = [s for s in trains if s is not top_root]
-            top_other = max(others, key=_stage_need) if others else None
-            if top_other and _stage_need(top_root) + _stage_need(top_other) > need:
-                peak, beside = top_other, top_root
-                need = _stage_need(top_root) + _stage_need(top_other)
+    in_worker = []  # what the worker may run beside the main process's training
+    if background:
+        in_worker += [s for s in costs["stages"] if s["stage"].startswith("eval/")]
+    if background_roots:
+        roots = {s.name for s in root_stages(build_plan(cfg).stages)}
+        in_worker += [s for s in trains if s["stage"] in roots]
+    for worker in in_worker:
+        others = [s for s in trains if s is not worker]
+        if others and _stage_need(top := max(others, key=_stage_need)) + _stage_need(worker) > need:
+            peak, beside, need = top, worker, _stage_need(top) + _stage_need(worker)
     available, where = available_memory(cfg.trainer.device)
     estimate = {"stage": peak["stage"], "need_gib": need / GIB, "available_gib": available / GIB,
                 "measured": where, "parts_gib": peak["memory_parts_gib"]}
     if beside is not None:
-        estimate["background"] = {"stage": beside["stage"],
-                                       "gib": _stage_need(beside) / GIB}
+        estimate["background"] = {"stage": beside["stage"], "gib": _stage_need(beside) / GIB}
     log.info("memory: stage %s%s needs about %.3g GiB (%s: %.3g GiB)", peak["stage"],
              "" if beside is None else f" with {beside['stage']} beside it", need / GIB, where,
              available / GIB)

@@ -21,7 +21,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from factory.background import BackgroundEvals, background_evals_apply, replay_metrics
+from factory.background import (BackgroundEvals, background_evals_apply, replay_metrics,
+                                root_stages)
 from factory.config import check_schema, register
 from factory.dry_run import dry_run
 from factory.environment import cpu_threads, environment
@@ -84,9 +85,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     finished, start = False, time.perf_counter()
     try:
         if background and cfg.pipeline.background_roots:  # e.g. the base student, at once
-            for root in plan.stages[1:]:
-                if not root.needs and root.kind != "eval":
-                    background.submit(root, pipeline)
+            for root in root_stages(plan.stages):
+                background.submit(root, pipeline)
         for stage in plan.stages:
             entry = background.result(stage) if background else None
             if entry is not None and pipeline.adopt(stage, entry):

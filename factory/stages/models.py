@@ -112,11 +112,10 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int,
     return out
 
 
-def pass_at_1_check(card, task, problems, *, target: float, samples: int, every: int,
+def pass_at_1_check(card, tokenizer, task, problems, *, target: float, samples: int, every: int,
                     after: int, seed: int, batch_size: int) -> StopCheck:
     """A StopCheck on thinking-mode Pass@1 over `problems`, sampled with the card's thinking
     settings from a generator of its own (seeded by seed and step)."""
-    tokenizer = tokenizer_for(card)
 
     def measure(model, step: int) -> float:
         result = evaluate(model, tokenizer, task, problems, mode="think", n_samples=samples,
@@ -158,7 +157,7 @@ def sft_stage(name: str, card, task_cfg, base: str, *, steps: int, batch_size: i
         stop, total = None, steps
         if checking:
             held_out = task.problems("train", n_examples + check.problems)[n_examples:]
-            stop = pass_at_1_check(card, task, held_out, target=check.pass_at_1,
+            stop = pass_at_1_check(card, tokenizer, task, held_out, target=check.pass_at_1,
                                    samples=check.samples, every=check.every, after=check.after,
                                    seed=seed, batch_size=cfg.pipeline.eval.batch_size)
             total = steps + check.extra_steps
