@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if ! .venv/bin/python -c "import factory, hydra, liger_kernel, pytest_timeout" 2>/dev/null; then
+if ! .venv/bin/python -c "import factory, hydra, liger_kernel, pytest_timeout, xdist" 2>/dev/null; then
   "${PIP[@]}" -e ".[dev]"
 fi
 # the code sandbox (bubblewrap) for HumanEval-style tasks; needs root or sudo, skipped otherwise

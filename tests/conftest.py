@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,3 +12,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests run two at a time, one per core (pytest's addopts): each test process computes on
+    # one thread, as torch's pool of every core slows badly when another process is busy
+    torch.set_num_threads(1)

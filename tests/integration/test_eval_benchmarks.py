@@ -27,7 +27,9 @@ def test_eval_pipeline_on_a_real_benchmark(tmp_path, task, file):
     args = [sys.executable, "-m", "factory.run", "pipeline=eval", f"task={task}",
             f"task.path={DATA / file}", "student=tiny", "pipeline.pretrain.steps=3",
             "pipeline.eval.n_problems=3", "pipeline.eval.n_samples=2", "pipeline.eval.ks=[1,2]",
-            "pipeline.eval.max_new_tokens=16", "trainer.num_threads=1", "trainer.progress=false",
+            "pipeline.eval.max_new_tokens=16", "pipeline.pretrain_corpus_size=200",
+            # at these sizes the background worker's start-up costs more than the evals
+            "pipeline.eval.background=false", "trainer.num_threads=1", "trainer.progress=false",
             f"artifacts_dir={tmp_path / 'store'}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
