@@ -165,8 +165,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     thinking_budget: Optional[int] = None
     batch_size: int = 512  # sequences sampled per sampler call
-    # on a CPU with a core the training leaves idle: evaluate each model in a worker process as
-    # soon as it exists, beside the next training stage (factory/background.py); same numbers
+    # on a CPU with a core the training leaves idle: a worker process builds stages beside the
+    # main one, each model's evaluations as soon as it exists and, with
+    # pipeline.background_training, training stages (factory/background.py); same numbers
     background: bool = True
     # tasks evaluated besides the run's own `task`, each a full task card: an overlay composes
     # them from conf/task/ (`- /task@pipeline.eval.tasks.aime24: aime24` in its defaults; on the
@@ -314,10 +315,11 @@ class PipelineConfig:
     four_stage: FourStageConfig = field(default_factory=FourStageConfig)
     # arith corpus used to pretrain the base student (sentences of problems, traces, answers)
     pretrain_corpus_size: int = 20_000
-    # with background evaluations (eval.background): also give the worker, at the start, every
-    # training stage that needs nothing from the plan but is not its first (the base student
-    # beside the teacher's bootstrap); same weights, two trainings in memory at once
-    background_roots: bool = False
+    # with a background worker (eval.background): it also takes training stages, so the base
+    # student trains beside the teacher's bootstrap and the four-stage arm beside the
+    # distillation arm (factory/background.py); same weights, two trainings in memory at once.
+    # False: the worker evaluates only
+    background_training: bool = True
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""A test hook: SIGKILL this process at a named point, to prove a killed run loses nothing.
+"""A test hook: SIGKILL the run at a named point, to prove a killed run loses nothing.
 
     FACTORY_KILL_AT=<stage>:<point>[:<n>] python -m factory.run ...
 
-kills the process (a real SIGKILL: no handler, no cleanup, no flush of anything unwritten) the
+kills the run (a real SIGKILL: no handler, no cleanup, no flush of anything unwritten) the
 n-th time (default: the first) `point(<point>)` is reached while the pipeline builds `<stage>`,
 or `point(<point>, stage=<stage>)` is called outside a stage. Unset, every call is a dictionary
 lookup and returns. tests/integration/test_kill_resume.py kills `python -m factory.run` at each
@@ -29,6 +29,9 @@ ENV = "FACTORY_KILL_AT"
 
 _current_stage = ""  # the stage the pipeline is building ("" between stages)
 _hits: dict[str, int] = {}
+# in the background worker (factory/background.py): the main process, killed first, so the
+# point kills the whole run wherever the stage was being built
+run_process: int | None = None
 
 
 def enter_stage(name: str) -> None:
@@ -50,4 +53,6 @@ def point(name: str, stage: str | None = None) -> None:
     if _hits[where] == int(nth):
         sys.stdout.flush()
         sys.stderr.flush()
+        if run_process is not None:
+            os.kill(run_process, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -70,6 +70,8 @@ _OLD = "checkpoint.old"  # the previous checkpoint during the swap (see _publish
 log = logging.getLogger(__name__)
 
 MIN_LR_RATIO = 0.1  # the cosine ends at 10% of the peak learning rate
+# False in the background worker (factory/background.py): the terminal shows the main process's bar
+SHOW_PROGRESS = True
 ADAMW_BETAS = (0.9, 0.95)
 
 
@@ -262,7 +264,8 @@ def train(
         initial=resumed_from,
         desc=stage,
         unit="step",
-        disable=None if trainer_cfg.progress and accelerator.is_main_process else True,
+        disable=None if SHOW_PROGRESS and trainer_cfg.progress and accelerator.is_main_process
+        else True,
         file=sys.stderr,
         dynamic_ncols=True,
     )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import shutil
 
-from factory.background import root_stages
 from factory.dry_run import STATE_BYTES_PER_PARAM, plan_costs
 from factory.errors import ConfigError
 from factory.guards import check_guard_config
@@ -52,7 +51,7 @@ _PARTS = {
 }
 
 
-def preflight(cfg, background: bool = False, background_roots: bool = False) -> dict:
+def preflight(cfg, background: bool = False, background_training: bool = False) -> dict:
     """Run every check (module docstring); return the memory and disk estimates. `background`:
     evaluations run in a worker process beside training (factory/background.py), so the memory
     check adds the largest evaluation to the largest training stage."""
@@ -61,7 +60,7 @@ def preflight(cfg, background: bool = False, background_roots: bool = False) -> 
     distills = "distill" in cfg.pipeline.stages
     if distills:
         check_cache_k(cfg)
-    estimates = {"memory": (check_memory(cfg, background, background_roots)
+    estimates = {"memory": (check_memory(cfg, background, background_training)
                             if cfg.trainer.check_memory else None),
                  "disk": check_disk(cfg) if distills else None}
     check_tasks(cfg)
@@ -118,11 +117,12 @@ def _stage_need(row: dict) -> float:
     return max(row["memory_gib"], parts.get("load_peak", 0.0)) * GIB
 
 
-def check_memory(cfg, background: bool = False, background_roots: bool = False) -> dict:
+def check_memory(cfg, background: bool = False, background_training: bool = False) -> dict:
     """Refuse a plan whose peak stage needs more memory than the trainer's device has free
     (estimated from the cards by factory/dry_run.py, before any weight loads). With
-    `background`, an evaluation may run beside any training stage: the peak is then the
-    largest training stage plus the largest evaluation, when that is more."""
+    `background`, an evaluation may run in the worker beside any training stage, and with
+    `background_training` another training stage too: the peak is then the largest training
+    stage plus the largest other stage the worker may hold, when that is more."""
     costs = plan_costs(cfg)
     peak = max(costs["stages"], key=_stage_need)
     # CPU processes of one launch share the host's memory; GPUs are checked one device each
@@ -133,9 +133,8 @@ def check_memory(cfg, background: bool = False, background_roots: bool = False) 
     in_worker = []  # what the worker may run beside the main process's training
     if background:
         in_worker += [s for s in costs["stages"] if s["stage"].startswith("eval/")]
-    if background_roots:
-        roots = {s.name for s in root_stages(build_plan(cfg).stages)}
-        in_worker += [s for s in trains if s["stage"] in roots]
+    if background_training:
+        in_worker += trains
     for worker in in_worker:
         others = [s for s in trains if s is not worker]
         if others and _stage_need(top := max(others, key=_stage_need)) + _stage_need(worker) > need:
@@ -172,7 +171,9 @@ def _memory_message(cfg, peak: dict, need: float, available: float, where: str,
     options.append("train on GPUs (trainer=gpu; trainer.accelerate_config=fsdp shards the "
                    "training state over the devices; add dry_run=true to print the estimate "
                    "per device)")
-    if peak["memory_parts_gib"].get("teacher", 0.0) >= 0.01 and cfg.backend.name == "hf":
+    holds_teacher = any(s and s["memory_parts_gib"].get("teacher", 0.0) >= 0.01
+                        for s in (peak, beside))
+    if holds_teacher and cfg.backend.name == "hf":
         options.append("run the teacher on other nodes (backend=vllm_server backend.url=...)")
     options.append("skip this check where the estimate is wrong for this machine "
                    "(trainer.check_memory=false)")
@@ -182,7 +183,8 @@ def _memory_message(cfg, peak: dict, need: float, available: float, where: str,
                      f"{_stage_need(beside) / GIB:.3g} GiB")
         options.insert(0, "evaluate in the main process, after training "
                           "(pipeline.eval.background=false)" if what == "evaluation" else
-                          "train it in the main process (pipeline.background_roots=false)")
+                          "keep training stages out of the worker "
+                          "(pipeline.background_training=false)")
     return (f"stage {peak['stage']} needs about {need / GIB:.3g} GiB{per} of "
             f"{cfg.trainer.device} memory, estimated from the cards before loading anything "
             f"({'; '.join(parts)}), but {available / GIB:.3g} GiB is {where}. Options: "

@@ -21,8 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from factory.background import (BackgroundEvals, background_evals_apply, replay_metrics,
-                                root_stages)
+from factory.background import Worker, background_evals_apply, replay_metrics, run_stages
 from factory.config import check_schema, register
 from factory.dry_run import dry_run
 from factory.environment import cpu_threads, environment
@@ -61,7 +60,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # sources: refused before any compute
     background_on = background_evals_apply(cfg, rank.world, threads)
     preflight(cfg, background=background_on,
-              background_roots=background_on and cfg.pipeline.background_roots)
+              background_training=background_on and cfg.pipeline.background_training)
     info = describe_pair(cfg)
     for role in ("student", "teacher"):
         p = info[role]["params"]
@@ -80,31 +79,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                             config_dict=OmegaConf.to_container(cfg, resolve=True),
                             enabled=rank.main)
     pipeline = Pipeline(Store(cfg.artifacts_dir), run_dir, metrics)
-    background = (BackgroundEvals(cfg, run_dir, threads)
-                  if background_on else None)
+    worker = Worker(cfg, run_dir, threads) if background_on else None
     finished, start = False, time.perf_counter()
     try:
-        if background and cfg.pipeline.background_roots:  # e.g. the base student, at once
-            for root in root_stages(plan.stages):
-                background.submit(root, pipeline)
-        for stage in plan.stages:
-            entry = background.result(stage) if background else None
-            if entry is not None and pipeline.adopt(stage, entry):
-                replay_metrics(run_dir, stage.name, metrics)
-            else:
-                pipeline.run(stage)
-            if background:  # every eval whose model now exists goes to the idle core
-                for ready in plan.stages:
-                    if ready.kind == "eval" and ready.name not in pipeline.artifacts and all(
-                            n in pipeline.artifacts for n in ready.needs):
-                        background.submit(ready, pipeline)
+        run_stages(plan.stages, pipeline, worker,
+                   train_in_worker=cfg.pipeline.background_training,
+                   on_adopt=lambda stage: replay_metrics(run_dir, stage.name, metrics))
         finished = True
     finally:
-        if background:
-            background.close(wait=finished)
+        if worker:
+            worker.close(wait=finished)
         metrics.close()
 
-    evals = {name: read_eval(a) for name, a in pipeline.artifacts.items() if a.kind == "eval"}
+    evals = {s.name: read_eval(pipeline.artifacts[s.name]) for s in plan.stages if s.kind == "eval"}
     # the same on every rank: rank 0's ledger; each rank's own clock
     summary = summarize(evals, pipeline.ledger, wall_s=time.perf_counter() - start)
     if rank.main:

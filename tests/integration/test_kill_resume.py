@@ -42,18 +42,26 @@ REPO = Path(__file__).resolve().parents[2]
 # shards leaves some written; every step's loss logged, to compare them all; one eval mode
 # (eval is half of a tiny run's compute); evals in the background worker, as by default, so
 # kills also land while it runs (and must not leave it behind)
+# The killed runs train in the main process in plan order (the worker only evaluates), so each
+# rerun finishes the stage the run before it left; the eval is killed with no worker, after the
+# training, for the same reason (tests/integration/test_background_evals.py kills a stage in the
+# worker). The uninterrupted reference runs in one process, the same-seed run on two lanes: the
+# numbers must not depend on the lanes.
 OVERRIDES = COMPARE_TINY + ["trainer.checkpoint_every=1", "trainer.log_every=1",
                             "pipeline.cache.shard_tokens=64", "pipeline.eval.modes=[think]",
-                            "pipeline.eval.background=true"]
+                            "pipeline.eval.background=true", "pipeline.background_training=false"]
+LANES = ("pipeline.background_training=true",)
 
-# (FACTORY_KILL_AT, the stage it interrupts, what the kill leaves behind), in the plan's order
+# (FACTORY_KILL_AT, the stage it interrupts, what the kill leaves behind, extra overrides), in
+# the plan's order
 KILLS = [
-    ("teacher/generate:built", "teacher/generate", "unpublished"),
-    ("teacher/record:shard:2", "teacher/record", "shards"),
-    ("distill/off_policy:checkpoint:1", "distill/off_policy", "checkpoint"),
-    ("four_stage/reasoning_rl:checkpoint:1", "four_stage/reasoning_rl", "checkpoint"),
-    ("eval/off_policy/think:built", "eval/off_policy/think", "unpublished"),
-    ("report:md", None, "report"),
+    ("teacher/generate:built", "teacher/generate", "unpublished", ()),
+    ("teacher/record:shard:2", "teacher/record", "shards", ()),
+    ("distill/off_policy:checkpoint:1", "distill/off_policy", "checkpoint", ()),
+    ("four_stage/reasoning_rl:checkpoint:1", "four_stage/reasoning_rl", "checkpoint", ()),
+    ("eval/off_policy/think:built", "eval/off_policy/think", "unpublished",
+     ("pipeline.eval.background=false",)),
+    ("report:md", None, "report", ()),
 ]
 
 
@@ -80,13 +88,14 @@ def ledger(run_dir: Path) -> dict[str, dict]:
 
 
 def losses(*run_dirs: Path) -> dict[tuple[str, int], float]:
-    """(stage, step) -> loss over the runs' metrics.jsonl, the last line winning."""
+    """(stage, step) -> loss over the runs' metrics.jsonl, the last line winning, and the
+    worker's lines a killed run had not yet copied into it (.background/<stage>/)."""
     out = {}
     for d in run_dirs:
-        path = d / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else []:
-            row = json.loads(line)
-            out[(row["stage"], row["step"])] = row["loss"]
+        for path in [d / "metrics.jsonl", *sorted(d.glob(".background/*/metrics.jsonl"))]:
+            for line in path.read_text().splitlines() if path.exists() else []:
+                row = json.loads(line)
+                out[(row["stage"], row["step"])] = row["loss"]
     return out
 
 
@@ -107,15 +116,16 @@ def assert_store_consistent(store: Path) -> None:
 def reference(tmp_path_factory):
     """The uninterrupted run, in this process."""
     root = tmp_path_factory.mktemp("reference")
-    cfg = compose(OVERRIDES + [f"artifacts_dir={root / 'store'}"])
+    cfg = compose(OVERRIDES + [f"artifacts_dir={root / 'store'}", "pipeline.eval.background=false"])
     summary = run(cfg, root / "run")
     return {"dir": root / "run", "numbers": numbers(summary), "losses": losses(root / "run")}
 
 
 def test_same_seed_same_numbers_and_the_run_records_how_it_was_made(reference, tmp_path):
     run_dir = tmp_path / "run"
-    done = factory_run(tmp_path / "store", run_dir)
+    done = factory_run(tmp_path / "store", run_dir, extra=LANES)  # the reference: one lane
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "building in the background" in done.stdout + done.stderr  # training on both lanes
     assert numbers(json.loads((run_dir / "summary.json").read_text())) == reference["numbers"]
     assert losses(run_dir) == reference["losses"]
     assert len(reference["losses"]) >= 20  # every step of every training stage
@@ -137,19 +147,23 @@ def test_same_seed_same_numbers_and_the_run_records_how_it_was_made(reference, t
 def test_kill_anywhere_lose_nothing(reference, tmp_path):
     store = tmp_path / "store"
     runs = []
-    for i, (kill_at, stage, leaves) in enumerate(KILLS):
+    resumed = []
+    for i, (kill_at, stage, leaves, extra) in enumerate(KILLS):
         run_dir = tmp_path / f"run{i}"
         runs.append(run_dir)
-        killed = factory_run(store, run_dir, kill_at)
+        complete = {str(p) for p in published(store)}
+        killed = factory_run(store, run_dir, kill_at, extra)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-3000:])
         assert_store_consistent(store)
-        if i > 0:  # this rerun reused what the one before finished, rebuilt what it did not
-            entries, (_, previous, previous_leaves) = ledger(run_dir), KILLS[i - 1]
+        entries = ledger(run_dir) if (run_dir / "ledger.json").exists() else {}
+        # this rerun reused what the runs before finished, rebuilt what they did not
+        assert all(e["reused"] == (e["artifact"] in complete) for e in entries.values())
+        _, previous, previous_leaves, _ = KILLS[i - 1] if i else (None, None, None, None)
+        if i > 0:
             assert entries[previous]["reused"] is False
-            finished_before = list(entries)[:list(entries).index(previous)]
-            assert all(entries[name]["reused"] for name in finished_before), finished_before
             if previous_leaves == "checkpoint":
                 assert entries[previous]["notes"]["resumed_from"] == 1
+                resumed.append(previous)
         if stage is None:
             assert (run_dir / "report.md").exists() and not (run_dir / "report.html").exists()
             continue
@@ -168,6 +182,8 @@ def test_kill_anywhere_lose_nothing(reference, tmp_path):
         if leaves == "checkpoint":
             [work] = [w for w in (store / ".work").iterdir() if w.is_dir()]  # not lock files
             assert (work / "checkpoint" / "checksums.json").exists()
+
+    assert resumed == ["distill/off_policy", "four_stage/reasoning_rl"]
 
     final_dir = tmp_path / "final"
     final = factory_run(store, final_dir)

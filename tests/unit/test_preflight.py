@@ -77,18 +77,18 @@ def test_a_background_evaluation_counts_beside_the_largest_training_stage(tmp_pa
     assert "pipeline.eval.background=false" in message
 
 
-def test_a_root_stage_in_the_worker_counts_beside_the_largest_other_training_stage(tmp_path):
+def test_training_in_the_worker_counts_the_two_largest_training_stages(tmp_path):
     from factory import preflight as pf
 
-    cfg = compose([f"artifacts_dir={tmp_path}", "pipeline.background_roots=true"])
+    cfg = compose([f"artifacts_dir={tmp_path}"])
     stages = {s["stage"]: s for s in pf.plan_costs(cfg)["stages"]}
     need = {name: pf._stage_need(row) / pf.GIB for name, row in stages.items()}
-    others = [n for n in need if not n.startswith("eval/") and n != "student/base"]
-    top_other = max(others, key=need.get)
-    estimate = pf.check_memory(cfg, background_roots=True)
-    assert estimate["background"]["stage"] == "student/base"  # the base is the only root
-    assert estimate["stage"] == top_other
-    assert estimate["need_gib"] == pytest.approx(need["student/base"] + need[top_other])
+    first, second = sorted((n for n in need if not n.startswith("eval/")), key=need.get)[-2:][::-1]
+    estimate = pf.check_memory(cfg, background=True, background_training=True)
+    assert {estimate["stage"], estimate["background"]["stage"]} == {first, second}
+    assert estimate["need_gib"] == pytest.approx(need[first] + need[second])
+    evals_only = pf.check_memory(cfg, background=True)  # an evaluation is smaller than a training
+    assert evals_only["need_gib"] < estimate["need_gib"]
 
 
 def test_vocab_mismatch_is_refused_before_anything_runs(tmp_path):
