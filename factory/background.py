@@ -98,6 +98,7 @@ def run_stages(stages: list[Stage], pipeline: Pipeline, worker: Worker | None = 
             pipeline.run(stage)
         return
     _Lanes(stages, pipeline, worker, train_in_worker, on_adopt).run()
+    pipeline.ledger.order([s.name for s in stages])  # the ledger reads in plan order
 
 
 class _Lanes:

@@ -66,6 +66,14 @@ class Ledger:
         if self.write:
             self.save()
 
+    def order(self, names: list[str]) -> None:
+        """Put the entries in the order of `names` (the plan's), whatever order they finished
+        in (two lanes: factory/background.py), and save."""
+        rank = {name: i for i, name in enumerate(names)}
+        self.entries.sort(key=lambda e: rank.get(e.stage, len(rank)))
+        if self.write:
+            self.save()
+
     def save(self) -> None:
         total = lambda attr: sum(getattr(e, attr) for e in self.entries)  # noqa: E731
         write_json_atomic(self.path, {

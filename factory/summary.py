@@ -68,6 +68,6 @@ def format_table(summary: dict) -> str:
         for arm, c in summary["cost"].items()))
     overlap = summary.get("stage_wall_s", summary["total_wall_s"]) - summary["total_wall_s"]
     lines.append(f"wall time of this run: {summary['total_wall_s']:.0f} s"
-                 + (f" (its stages' times add up to {summary['stage_wall_s']:.0f} s: evaluations "
-                    "ran beside training)" if overlap > 1 else ""))
+                 + (f" (its stages' times add up to {summary['stage_wall_s']:.0f} s: stages ran "
+                    "on two processes at once)" if overlap > 1 else ""))
     return "\n".join(lines)

@@ -47,8 +47,8 @@ def test_when_background_evals_apply():
 def test_the_printed_wall_time_says_when_stages_overlapped():
     summary = {"models": {}, "guess_baseline": None, "cost": {}, "total_wall_s": 400.0,
                "stage_wall_s": 555.0}
-    assert ("wall time of this run: 400 s (its stages' times add up to 555 s: evaluations ran "
-            "beside training)") in format_table(summary)
+    assert ("wall time of this run: 400 s (its stages' times add up to 555 s: stages ran on "
+            "two processes at once)") in format_table(summary)
     summary.update(total_wall_s=555.0)
     assert "wall time of this run: 555 s\n" in format_table(summary) + "\n"
 
