@@ -1,5 +1,5 @@
 """The full default run (pipeline=compare), exactly as the README's quick start writes it (slow:
-about 16 minutes here).
+about 10 minutes here).
 
 Checks the floors issue 2 sets for the tiny world: the bootstrapped teacher reaches thinking-mode
 Pass@1 >= 0.8 and Pass@64 >= 0.95 on 200 held-out problems (measured 0.912 / 0.985 at the
