@@ -174,6 +174,17 @@ class _Lanes:
         return None
 
     def _feed(self) -> None:
+        try:
+            self._feed_worker()
+        except Exception:  # noqa: BLE001 -- e.g. an unreadable store: the rest is built here
+            log.exception("the background worker's feeder failed; building the rest here")
+            with self.cv:
+                self.stopped = True
+                self.cv.notify_all()
+
+    def _feed_worker(self) -> None:
+        """Hand the worker one stage at a time until the run stops (or the worker dies); each
+        result goes to `results` for this process to record, in the order they finish."""
         while True:
             with self.cv:
                 while not self.stopped and (stage := self._next_there()) is None:

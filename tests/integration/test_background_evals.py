@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factory.background import background_evals_apply
+from factory.background import background_evals_apply, plan_keys
 from factory.inspect import compose
+from factory.plan import build_plan
 from factory.run import run
 from factory.summary import format_table
 from tiny_sizes import BOOTSTRAP_TINY as SMALL
@@ -95,6 +96,12 @@ def test_the_worker_builds_what_the_main_process_builds(tmp_path, caplog):
     evals = [e for name, e in entries["run_on"].items() if name.startswith("eval/")]
     assert len(evals) == 4
     assert all(not e["reused"] and e["wall_s"] > 0 and e["tokens"] > 0 for e in evals)
+
+    # the keys the worker is given before any artifact exists are the store's
+    cfg = compose(BOOTSTRAP_TINY + [f"artifacts_dir={tmp_path / 'on'}"])
+    keys = plan_keys(build_plan(cfg).stages)
+    assert keys == {name: Path(e["artifact"]).name for name, e in entries["run_on"].items()}
+    assert list(entries["run_on"]) == list(keys)  # the ledger in plan order
 
     caplog.clear()
     again = run(compose(BOOTSTRAP_TINY + [f"artifacts_dir={tmp_path / 'on'}"]), tmp_path / "rerun")
