@@ -53,8 +53,9 @@ _PARTS = {
 
 def preflight(cfg, background: bool = False, background_training: bool = False) -> dict:
     """Run every check (module docstring); return the memory and disk estimates. `background`:
-    evaluations run in a worker process beside training (factory/background.py), so the memory
-    check adds the largest evaluation to the largest training stage."""
+    a worker process evaluates beside training (factory/background.py), and with
+    `background_training` trains too, so the memory check counts what it may hold beside the
+    largest training stage (check_memory)."""
     check_guard_config(cfg.trainer)
     check_eval_ks(cfg.pipeline.eval)
     distills = "distill" in cfg.pipeline.stages

@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         return dry_run(cfg, run_dir, announce=rank.main)
     threads = cpu_threads(cfg.trainer.num_threads, rank.world) if cfg.trainer.device == "cpu" \
         else None
-    # memory (with a background evaluation beside training when there is one), disk, data,
+    # memory (with the background worker's stage beside training when there is one), disk, data,
     # sources: refused before any compute
     background_on = background_evals_apply(cfg, rank.world, threads)
     preflight(cfg, background=background_on,

@@ -15,6 +15,7 @@ def one_torch_thread():
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # tests run two at a time, one per core (pytest's addopts): each test process computes on
-    # one thread, as torch's pool of every core slows badly when another process is busy
+    # tests run two at a time, one per core (`-n 2` in the README's test command): each test
+    # process computes on one thread, as torch's pool of every core slows badly when another
+    # process is busy
     torch.set_num_threads(1)

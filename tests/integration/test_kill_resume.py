@@ -8,8 +8,9 @@ in the store as complete; every rerun reuses what was complete and resumes the t
 from its checkpoint; the final numbers equal an uninterrupted run's. Then a corrupted model in
 that store is refused by the CLI with a message, not a stack trace.
 
-The uninterrupted reference runs in this process (`run`) and again as a subprocess into another
-store: the two must agree to the last bit (metrics.jsonl losses, eval Pass@k), and the run
+The uninterrupted reference runs in this process (`run`, one process) and again as a subprocess
+into another store on two lanes (the worker training too, factory/background.py): the two must
+agree to the last bit (metrics.jsonl losses, eval Pass@k), and the run
 directory must hold the resolved config, the environment with the git revision, and a report
 printing it.
 
