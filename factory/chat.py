@@ -98,13 +98,29 @@ def sft_example(
     Truncated on the right to `max_len` (the end of a long completion is lost; a prompt that
     fills `max_len` leaves nothing to learn, which the all-IGNORE_INDEX labels show).
     """
-    prompt = prompt_ids(tokenizer, messages, enable_thinking=thinking)
-    completion = encode(tokenizer, assistant_text(reasoning, answer, thinking))
-    input_ids = prompt + completion
-    labels = [IGNORE_INDEX] * len(prompt) + completion
-    if max_len is not None:
-        input_ids, labels = input_ids[:max_len], labels[:max_len]
-    return {"input_ids": input_ids, "labels": labels}
+    return sft_examples(tokenizer, [(messages, reasoning, answer, thinking)], max_len=max_len)[0]
+
+
+def sft_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: list[tuple[list[dict], str | None, str, bool]],
+    max_len: int | None = None,
+) -> list[dict[str, list[int]]]:
+    """`sft_example` for many (messages, reasoning, answer, thinking) turns at once: the texts
+    are tokenized in one batch call, several times faster than one call per text for the tens
+    of thousands of short examples of a bootstrap SFT."""
+    texts = [render(tokenizer, messages, add_generation_prompt=True, enable_thinking=thinking)
+             for messages, _, _, thinking in turns]
+    texts += [assistant_text(reasoning, answer, thinking) for _, reasoning, answer, thinking in turns]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = []
+    for prompt, completion in zip(ids[: len(turns)], ids[len(turns) :]):
+        input_ids = prompt + completion
+        labels = [IGNORE_INDEX] * len(prompt) + completion
+        if max_len is not None:
+            input_ids, labels = input_ids[:max_len], labels[:max_len]
+        out.append({"input_ids": input_ids, "labels": labels})
+    return out
 
 
 def _strip_end(text: str) -> str:

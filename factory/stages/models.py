@@ -63,8 +63,7 @@ def pretrain_stage(name: str, card, task_cfg, *, steps: int, batch_size: int, lr
 
         tokenizer = tokenizer_for(card)
         task = build_task(task_cfg)
-        docs = [tokenizer.encode(d, add_special_tokens=False)
-                for d in task.corpus(corpus_size, seed=seed)]
+        docs = tokenizer(task.corpus(corpus_size, seed=seed), add_special_tokens=False)["input_ids"]
         data = PretrainData(pack_blocks(docs, tokenizer.eos_token_id, block_len), batch_size, seed,
                             grad_accum)
         torch.manual_seed(seed)
@@ -104,12 +103,9 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int,
     """Chat-formatted SFT examples from problems with verified reasoning, one per problem, its
     mode from `mode_schedule`: /think answers with the trace in the think block, /no_think
     answers with an empty block."""
-    out = []
-    for p, mode in zip(problems, mode_schedule(len(problems), modes, think_ratio)):
-        messages = [chat.user_message(p.prompt, mode)]
-        out.append(chat.sft_example(tokenizer, messages, p.reasoning, p.answer,
-                                    thinking=(mode == "think"), max_len=max_len))
-    return out
+    turns = [([chat.user_message(p.prompt, mode)], p.reasoning, p.answer, mode == "think")
+             for p, mode in zip(problems, mode_schedule(len(problems), modes, think_ratio))]
+    return chat.sft_examples(tokenizer, turns, max_len=max_len)
 
 
 def pass_at_1_check(card, tokenizer, task, problems, *, target: float, samples: int, every: int,

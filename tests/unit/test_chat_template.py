@@ -18,6 +18,7 @@ from factory.chat import (
     prompt_ids,
     render,
     sft_example,
+    sft_examples,
     split_response,
     user_message,
 )
@@ -229,6 +230,23 @@ def test_sft_example_truncates(tok):
     full = sft_example(tok, msgs, "2*3=6", "6", thinking=True)
     cut = sft_example(tok, msgs, "2*3=6", "6", thinking=True, max_len=len(full["input_ids"]) - 3)
     assert cut["input_ids"] == full["input_ids"][:-3] and cut["labels"] == full["labels"][:-3]
+
+
+def test_sft_examples_batch_equals_one_at_a_time(tok):
+    """The batched builder (one tokenizer call for every text) gives each turn exactly the
+    example the one-turn path gives, across contexts, modes and truncation."""
+    turns = [(CONTEXTS[c], "1+2=3\n3*3=9", "9", thinking)
+             for c in sorted(CONTEXTS) for thinking in (True, False)]
+    for max_len in (None, 20):
+        batch = sft_examples(tok, turns, max_len=max_len)
+        single = []
+        for msgs, reasoning, answer, thinking in turns:
+            prompt = prompt_ids(tok, msgs, enable_thinking=thinking)
+            completion = encode(tok, assistant_text(reasoning, answer, thinking))
+            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+            single.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+        assert batch == single
+    assert sft_examples(tok, []) == []
 
 
 def test_split_response():
