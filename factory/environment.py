@@ -59,10 +59,26 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what `platform` knows. Recorded
+    because a CPU run's speed, and with a different vector unit its float rounding (so the tiny
+    world's numbers), follow the host processor."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     env = {pkg: _version(pkg) for pkg in PACKAGES}
     env["python"] = platform.python_version()
     env["platform"] = platform.platform()
+    env["cpu"] = cpu_model()
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     env["torch_threads"] = torch.get_num_threads()
     revision = _git("rev-parse", "HEAD")

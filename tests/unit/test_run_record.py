@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 from factory.environment import REPO, environment
 from factory.ledger import Ledger, LedgerEntry
@@ -25,6 +27,13 @@ def test_environment_records_versions_and_the_git_revision():
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
         assert env["git_revision"] == head and isinstance(env["git_dirty"], bool)
+    # the host processor: a CPU run's speed and float rounding follow it
+    if Path("/proc/cpuinfo").is_file():
+        models = [line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        if models:
+            assert env["cpu"] == models[0]
+    assert env["cpu"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 @pytest.mark.parametrize("dirty,shown", [(False, "| git revision | 0123abc |"),
