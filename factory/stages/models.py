@@ -105,7 +105,7 @@ def sft_examples(tokenizer, problems, *, modes: tuple[str, ...], max_len: int,
     answers with an empty block."""
     turns = [([chat.user_message(p.prompt, mode)], p.reasoning, p.answer, mode == "think")
              for p, mode in zip(problems, mode_schedule(len(problems), modes, think_ratio))]
-    return chat.sft_examples(tokenizer, turns, max_len=max_len)
+    return chat.sft_batch(tokenizer, turns, max_len=max_len)
 
 
 def pass_at_1_check(card, tokenizer, task, problems, *, target: float, samples: int, every: int,

@@ -17,8 +17,8 @@ from factory.chat import (
     follows_mode,
     prompt_ids,
     render,
+    sft_batch,
     sft_example,
-    sft_examples,
     split_response,
     user_message,
 )
@@ -232,13 +232,13 @@ def test_sft_example_truncates(tok):
     assert cut["input_ids"] == full["input_ids"][:-3] and cut["labels"] == full["labels"][:-3]
 
 
-def test_sft_examples_batch_equals_one_at_a_time(tok):
+def test_sft_batch_equals_one_at_a_time(tok):
     """The batched builder (one tokenizer call for every text) gives each turn exactly the
     example the one-turn path gives, across contexts, modes and truncation."""
     turns = [(CONTEXTS[c], "1+2=3\n3*3=9", "9", thinking)
              for c in sorted(CONTEXTS) for thinking in (True, False)]
     for max_len in (None, 20):
-        batch = sft_examples(tok, turns, max_len=max_len)
+        batch = sft_batch(tok, turns, max_len=max_len)
         single = []
         for msgs, reasoning, answer, thinking in turns:
             prompt = prompt_ids(tok, msgs, enable_thinking=thinking)
@@ -246,7 +246,7 @@ def test_sft_examples_batch_equals_one_at_a_time(tok):
             ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
             single.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
         assert batch == single
-    assert sft_examples(tok, []) == []
+    assert sft_batch(tok, []) == []
 
 
 def test_split_response():
