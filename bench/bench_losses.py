@@ -2,7 +2,8 @@
 
     python bench/bench_losses.py [--tokens 4096 --vocab 151936 --hidden 1024 --k 64
                                   --chunk-sizes 1024,256 --rounds 3 --reps 1 --no-liger --no-doc
-                                  --device cpu|cuda --dtype fp32|bf16]
+                                  --device cpu|cuda --dtype fp32|bf16 --threads N]
+    python bench/bench_losses.py --tokens 1024,4096,8192 --hidden 256,1024   # a sweep, one block
 
 Variants (each run in a fresh subprocess, so one variant's peak cannot hide in another's):
   plain        ``sparse_divergence(hidden @ W.T, ids, logprobs)``: holds the [N, V] logits
@@ -60,6 +61,11 @@ SECTION = "## Loss kernels"
 MIB = 2**20
 MEMORY_TARGET = 1 / 8  # fused working memory at most 1/8 of the plain path's
 TIME_TARGET = 1.5  # at no more than 1.5x its time
+# issue 8: within 1.2x of liger's time "where both apply". Liger's fused JSD needs an in-process
+# teacher (a second head matmul and a dense divergence); ours reads a cached top-k teacher. With
+# an in-process teacher the factory calls liger itself, so the like-for-like case is 1.0x by
+# construction; the line compares the cached-teacher kernel against liger's at the same size.
+LIGER_TARGET = 1.2
 
 
 def _status_kib(field: str) -> int:
@@ -229,6 +235,7 @@ def _table(results: list[dict], plain: dict | None) -> str:
 def _verdicts(results: list[dict], plain: dict | None, grad_weight_mib: float) -> list[str]:
     if plain is None:
         return []
+    liger = next((r for r in results if r["variant"] == "liger-jsd"), None)
     out = []
     for r in results:
         if not r["variant"].startswith("fused@"):
@@ -236,12 +243,17 @@ def _verdicts(results: list[dict], plain: dict | None, grad_weight_mib: float) -
         mem = r["working_mib"] / plain["working_mib"]
         tim = r["median_s"] / plain["median_s"]
         beyond = (r["working_mib"] - grad_weight_mib) / plain["working_mib"]
+        vs_liger = ""
+        if liger is not None:
+            lt = r["median_s"] / liger["median_s"]
+            vs_liger = (f" Time {lt:.2f}x liger's fused JSD (target <= {LIGER_TARGET}x): "
+                        f"{'met' if lt <= LIGER_TARGET else 'NOT met'}.")
         out.append(
             f"- {r['variant']}: memory {mem:.3f} of plain (target <= {MEMORY_TARGET:.3f}): "
             f"{'met' if mem <= MEMORY_TARGET else 'NOT met'}; time {tim:.2f}x plain "
             f"(target <= {TIME_TARGET}x): {'met' if tim <= TIME_TARGET else 'NOT met'}. "
             f"Without its {grad_weight_mib:.0f} MiB weight-gradient output it holds "
-            f"{beyond:.3f} of plain's working memory."
+            f"{beyond:.3f} of plain's working memory.{vs_liger}"
         )
     return out
 
@@ -272,46 +284,12 @@ def _append_doc(block: str) -> None:
     DOC.write_text(text)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--chunk-sizes", default="1024,256", help="fused variants, comma-separated")
-    parser.add_argument("--rounds", type=int, help="default: 3 on CPU, 1 on CUDA")
-    parser.add_argument("--reps", type=int, help="timed reps per child; default: 1 CPU, 10 CUDA")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--no-liger", action="store_true", help="skip the liger fused JSD variant")
-    parser.add_argument(
-        "--liger-chunk-size",
-        type=int,
-        default=256,
-        help="liger's chunk: uncompiled on CPU it holds ~18 fp32 copies of a [chunk, V] block",
-    )
-    parser.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    cuda = args.device == "cuda"
-    args.rounds = args.rounds or (1 if cuda else 3)
-    args.reps = args.reps or (10 if cuda else 1)
-    if args.child:
-        print(json.dumps(run_child(args.child, args)))
-        return
-
-    variants = ["plain"] + [f"fused@{c}" for c in args.chunk_sizes.split(",") if c]
-    if not args.no_liger:
-        variants.append("liger-jsd")
-    machine = _machine(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    command = "python bench/bench_losses.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:])
-    )
-    print(f"# {command.strip()}\n# {json.dumps(machine)}", flush=True)
-    child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--no-doc",)]
-    child_args += ["--reps", str(args.reps)]
+def _run_size(args, variants, tokens: int, hidden: int) -> tuple[list[dict], dict]:
+    """Every variant at one size, in rounds; each variant's runs merged."""
+    child_args = ["--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(args.vocab),
+                  "--k", str(args.k), "--dtype", args.dtype, "--device", args.device,
+                  "--liger-chunk-size", str(args.liger_chunk_size), "--threads", str(args.threads),
+                  "--reps", str(args.reps)]
     runs = {v: [] for v in variants}
     failures = {}
     for _ in range(args.rounds):
@@ -329,39 +307,94 @@ def main(argv=None) -> None:
                 failures[variant] = proc.stderr.strip().splitlines()[-1][:300]
                 continue
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[variant][-1]), flush=True)
-    results = [_merge(rs) for rs in runs.values() if rs]
+            print(f"{tokens} x {hidden}: {json.dumps(runs[variant][-1])}", flush=True)
+    return [_merge(rs) for rs in runs.values() if rs], failures
 
-    plain = next((r for r in results if r["variant"] == "plain"), None)
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", default="4096", help="comma-separated: a sweep")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--hidden", default="1024", help="comma-separated: a sweep")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--chunk-sizes", default="1024,256", help="fused variants, comma-separated")
+    parser.add_argument("--rounds", type=int, help="default: 3 on CPU, 1 on CUDA")
+    parser.add_argument("--reps", type=int, help="timed reps per child; default: 1 CPU, 10 CUDA")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--no-liger", action="store_true", help="skip the liger fused JSD variant")
+    parser.add_argument(
+        "--liger-chunk-size",
+        type=int,
+        default=256,
+        help="liger's chunk: uncompiled on CPU it holds ~18 fp32 copies of a [chunk, V] block",
+    )
+    parser.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    args.rounds = args.rounds or (1 if cuda else 3)
+    args.reps = args.reps or (10 if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        args.tokens, args.hidden = int(args.tokens), int(args.hidden)
+        print(json.dumps(run_child(args.child, args)))
+        return
+
+    sizes = [(int(n), int(h)) for h in args.hidden.split(",") for n in args.tokens.split(",")]
+    variants = ["plain"] + [f"fused@{c}" for c in args.chunk_sizes.split(",") if c]
+    if not args.no_liger:
+        variants.append("liger-jsd")
+    machine = _machine(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    command = "python bench/bench_losses.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+    )
+    print(f"# {command.strip()}\n# {json.dumps(machine)}", flush=True)
     bytes_per = 4 if args.dtype == "fp32" else 2
-    grad_weight_mib = args.vocab * args.hidden * bytes_per / MIB
-    logits_mib = args.tokens * args.vocab * 4 / MIB
-    if args.device == "cuda":
+    if cuda:
         where = f"{machine['gpu']} (CUDA), host {machine['nproc']} CPUs ({machine['cpu']}), torch"
         load = "; memory from the CUDA allocator, times after torch.cuda.synchronize"
     else:
         where = f"{machine['nproc']} CPUs ({machine['cpu']}), torch"
         load = (f"; load average at start {machine['load'][0]:.1f} (shared machine: timings are "
                 "noisy)")
-    table = _table(results, plain)
-    verdicts = _verdicts(results, plain, grad_weight_mib)
-    block = "\n".join(
-        [
-            f"### {started:%Y-%m-%d %H:%M} UTC: {args.tokens} tokens x vocab {args.vocab}, "
-            f"hidden {args.hidden}, k {args.k}, {args.dtype}, {args.device}",
-            "",
-            f"- command: `{command.strip()}`",
-            f"- machine: {where} {machine['torch']} ({machine['torch_threads']} threads), "
-            f"liger-kernel {machine['liger']}, Python {machine['python']}{load}",
+    body = []
+    for tokens, hidden in sizes:
+        results, failures = _run_size(args, variants, tokens, hidden)
+        plain = next((r for r in results if r["variant"] == "plain"), None)
+        grad_weight_mib = args.vocab * hidden * bytes_per / MIB
+        logits_mib = tokens * args.vocab * 4 / MIB
+        if len(sizes) > 1:
+            body += [f"#### {tokens} tokens x hidden {hidden}", ""]
+        body += [
             f"- sizes: one fp32 [N, V] logits tensor is {logits_mib:.0f} MiB; the [V, H] weight "
             f"gradient every variant returns is {grad_weight_mib:.0f} MiB",
-            f"- memory method: {results[0]['memory_method'] if results else '-'} (largest of "
-            f"{args.rounds} round(s)); time: median of {args.rounds} round(s) x {args.reps} rep(s)",
             "",
-            table,
+            _table(results, plain),
             "",
-            *verdicts,
+            *_verdicts(results, plain, grad_weight_mib),
             *(f"- {v} failed: `{msg}`" for v, msg in failures.items()),
+            "",
+        ]
+    what = (f"{args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}" if len(sizes) == 1
+            else f"tokens {args.tokens} x hidden {args.hidden}, vocab {args.vocab}")
+    threads = args.threads or machine["torch_threads"]
+    block = "\n".join(
+        [
+            f"### {started:%Y-%m-%d %H:%M} UTC: {what}, k {args.k}, {args.dtype}, {args.device}",
+            "",
+            f"- command: `{command.strip()}`",
+            f"- machine: {where} {machine['torch']} ({threads} threads), "
+            f"liger-kernel {machine['liger']}, Python {machine['python']}{load}",
+            f"- memory method: VmHWM after clear_refs on CPU, the CUDA allocator's peak on CUDA "
+            f"(largest of {args.rounds} round(s)); time: median of {args.rounds} round(s) x "
+            f"{args.reps} rep(s)",
+            "",
+            *body,
         ]
     )
     print("\n" + block)
