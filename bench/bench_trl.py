@@ -8,6 +8,7 @@ TRL is not a dependency of this project: run this from a bench-only virtual envi
     python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 trl -e .
     taskset -c 1 .bench-venv/bin/python bench/bench_trl.py             # both vocabularies
     taskset -c 1 .bench-venv/bin/python bench/bench_trl.py --vocabs 128 --rounds 1 --no-doc
+    taskset -c 1 .bench-venv/bin/python bench/bench_trl.py --phases --vocabs 151936  # memory by phase
 
 Each (vocabulary, trainer) runs in a fresh child process (so one's peak cannot hide in
 another's), in turn within each round, so a change in the shared machine's load falls on all of
@@ -124,6 +125,64 @@ class GenerationCounter:
         return out
 
 
+class PhaseProfile:
+    """Resident-set high-water mark per phase of a step (--phases): each wrapped call resets
+    VmHWM on entry and reads it on exit; an enclosing phase keeps the highest mark seen inside
+    it, so nesting (TRL's loss runs the teacher's forward) reads right."""
+
+    def __init__(self):
+        self.open: list[dict] = []
+        self.rows: list[dict] = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        import functools
+
+        import world
+
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapped(*a, **kw):
+            mark = world.rss_kib("VmHWM") / 1024
+            for frame in self.open:
+                frame["peak"] = max(frame["peak"], mark)
+            frame = {"phase": label, "before": world.rss_kib("VmRSS") / 1024, "peak": 0.0}
+            world.reset_peak_rss()
+            self.open.append(frame)
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.open.pop()
+                frame["peak"] = max(frame["peak"], world.rss_kib("VmHWM") / 1024)
+                frame["after"] = world.rss_kib("VmRSS") / 1024
+                for outer in self.open:
+                    outer["peak"] = max(outer["peak"], frame["peak"])
+                self.rows.append(frame)
+
+        setattr(owner, name, wrapped)
+
+
+def install_phases(impl: str, student, teacher, trainer=None) -> PhaseProfile:
+    import torch
+
+    prof = PhaseProfile()
+    if impl.startswith("ours"):
+        import factory.stages.distill as distill
+        from teachers.bank import HFBackend
+
+        prof.wrap(distill, "sample", "sample (student generates)")
+        prof.wrap(HFBackend, "score", "teacher scores (forward + top-k)")
+        prof.wrap(distill, "response_hidden", "student forward (to hidden states)")
+        prof.wrap(distill, "topk_reverse_kl", "loss (chunked head + divergence, grads formed)")
+    else:
+        prof.wrap(student, "generate", "sample (student generates)")
+        prof.wrap(trainer, "compute_loss", "loss (student + teacher forward, divergence)")
+        prof.wrap(teacher.model, "forward", "teacher forward (backbone; TRL projects it in the loss)")
+    prof.wrap(torch.Tensor, "backward", "backward")
+    prof.wrap(torch.optim.AdamW, "step", "optimizer step (AdamW)")
+    return prof
+
+
 def child(args) -> dict:
     import torch
 
@@ -131,10 +190,15 @@ def child(args) -> dict:
 
     cfg, tokenizer, problems, messages, prompts, student, teacher = _setup(args)
     marks = []  # (wall, cpu) at the end of each step
+    prof = None
     peak = {}
+
+    step_rows = []  # with --phases: where each step's phase rows end
 
     def mark(step: int):
         marks.append(world.time_now())
+        if prof is not None:
+            step_rows.append(len(prof.rows))
         if step == args.warmup + args.steps:
             peak["hwm"] = world.rss_kib("VmHWM")
 
@@ -216,6 +280,9 @@ def child(args) -> dict:
             trainer.train()
             return counter.tokens
 
+    if args.phases:
+        prof = install_phases(args.impl, student, teacher,
+                              None if args.impl.startswith("ours") else trainer)
     import gc
 
     gc.collect()
@@ -229,7 +296,8 @@ def child(args) -> dict:
             "cpu": [s[1] for s in steps], "total_wall": marks[-1][0] - t0[0],
             "generated_per_step": generated / (args.warmup + args.steps),
             "baseline_mib": baseline / 1024, "peak_mib": peak["hwm"] / 1024, "method": method,
-            "versions": versions()}
+            "versions": versions(),
+            "phases": prof.rows[step_rows[-2]:step_rows[-1]] if prof else None}
 
 
 def tokenizer_copy(tokenizer):
@@ -270,12 +338,26 @@ def run_child(impl: str, vocab: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--vocab", str(vocab),
            "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--prompts", str(args.prompts), "--threads", str(args.threads)]
+           "--prompts", str(args.prompts), "--threads", str(args.threads),
+           *(["--phases"] if args.phases else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} at vocab {vocab} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_phases(args) -> None:
+    vocab = max(int(v) for v in args.vocabs.split(","))
+    for impl in ("ours", "trl-distillation"):
+        out = run_child(impl, vocab, args)
+        print(f"\n{LABELS[impl]}, vocab {vocab:,}: baseline {out['baseline_mib']:,.0f} MiB "
+              f"(libraries, both models, the trainer); phases of the last step, in the order they end (a nested one before its enclosing one):\n")
+        print("| phase | RSS before (MiB) | high-water mark in it (MiB) | above the baseline | "
+              "RSS after (MiB) |\n| --- | ---: | ---: | ---: | ---: |")
+        for row in out["phases"]:
+            print(f"| {row['phase']} | {row['before']:,.0f} | {row['peak']:,.0f} | "
+                  f"{row['peak'] - out['baseline_mib']:+,.0f} | {row['after']:,.0f} |")
 
 
 def med(xs):
@@ -296,6 +378,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64, help="prompt pool (arith problems)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--phases", action="store_true",
+                    help="instead of the comparison: the resident set's high-water mark per phase "
+                         "of the last step, ours and TRL's DistillationTrainer, largest vocabulary "
+                         "(printed, not appended: the resets it needs spoil the step's own peak)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.child:
@@ -306,6 +392,9 @@ def main() -> None:
     import world
     from report import cpu_model, publish
 
+    if args.phases:
+        print_phases(args)
+        return
     load0, t0 = world.loadavg(), time.perf_counter()
     impls, vocabs = args.impls.split(","), [int(v) for v in args.vocabs.split(",")]
     runs: dict[tuple[int, str], list[dict]] = {}
