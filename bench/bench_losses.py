@@ -7,7 +7,8 @@
 
 Variants (each run in a fresh subprocess, so one variant's peak cannot hide in another's):
   plain        ``sparse_divergence(hidden @ W.T, ids, logprobs)``: holds the [N, V] logits
-  fused@C      ``fused_sparse_divergence(hidden, W, ids, logprobs, chunk_size=C)``
+  fused@C      ``fused_sparse_divergence(hidden, W, ids, logprobs, chunk_size=C)``; fused@auto is
+               chunk_size=0, the factory's default (``chunk_rows``: ~64 MiB of fp32 logits)
   liger-jsd    ``fused_dense_jsd`` (liger-kernel's LigerFusedLinearJSDLoss) with an in-process
                teacher of the same size: a different problem (a dense teacher, so also a teacher
                matmul and a dense JSD), shown for scale, not like-for-like. Run uncompiled with
@@ -99,7 +100,8 @@ def _loss_fn(variant, hidden_nh, weight_vh, ids_nk, logprobs_nk, teacher, liger_
     if variant == "plain":
         return lambda: sparse_divergence(hidden_nh @ weight_vh.T, ids_nk, logprobs_nk, kind="fkl")
     if variant.startswith("fused@"):
-        chunk = int(variant.split("@")[1])
+        chunk = variant.split("@")[1]
+        chunk = 0 if chunk == "auto" else int(chunk)  # 0: the factory's default, chunk_rows
         return lambda: fused_sparse_divergence(
             hidden_nh, weight_vh, ids_nk, logprobs_nk, kind="fkl", chunk_size=chunk
         )
@@ -317,7 +319,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", default="1024", help="comma-separated: a sweep")
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--chunk-sizes", default="1024,256", help="fused variants, comma-separated")
+    parser.add_argument("--chunk-sizes", default="1024,256",
+                        help="fused variants, comma-separated; 0 is the factory's default (auto: "
+                             "about 64 MiB of fp32 logits per chunk)")
     parser.add_argument("--rounds", type=int, help="default: 3 on CPU, 1 on CUDA")
     parser.add_argument("--reps", type=int, help="timed reps per child; default: 1 CPU, 10 CUDA")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -345,7 +349,8 @@ def main(argv=None) -> None:
         return
 
     sizes = [(int(n), int(h)) for h in args.hidden.split(",") for n in args.tokens.split(",")]
-    variants = ["plain"] + [f"fused@{c}" for c in args.chunk_sizes.split(",") if c]
+    variants = ["plain"] + [f"fused@{'auto' if c == '0' else c}"
+                            for c in args.chunk_sizes.split(",") if c]
     if not args.no_liger:
         variants.append("liger-jsd")
     machine = _machine(args.device)
@@ -390,7 +395,8 @@ def main(argv=None) -> None:
             f"- command: `{command.strip()}`",
             f"- machine: {where} {machine['torch']} ({threads} threads), "
             f"liger-kernel {machine['liger']}, Python {machine['python']}{load}",
-            f"- memory method: VmHWM after clear_refs on CPU, the CUDA allocator's peak on CUDA "
+            f"- memory method: "
+            f"{'torch.cuda.max_memory_allocated' if cuda else 'VmHWM after clear_refs'} "
             f"(largest of {args.rounds} round(s)); time: median of {args.rounds} round(s) x "
             f"{args.reps} rep(s)",
             "",

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_sweep_prints_a_table_and_verdicts_per_size():
     proc = subprocess.run(
         [sys.executable, "bench/bench_losses.py", "--tokens", "48,96", "--hidden", "16",
-         "--vocab", "512", "--k", "8", "--chunk-sizes", "32", "--rounds", "1", "--threads", "1",
+         "--vocab", "512", "--k", "8", "--chunk-sizes", "32,0", "--rounds", "1", "--threads", "1",
          "--no-doc"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -23,10 +23,13 @@ def test_sweep_prints_a_table_and_verdicts_per_size():
                                                     "96 tokens x hidden 16"]
     for section in sections:
         rows = {m[0]: float(m[1]) for m in re.findall(
-            r"^\| (plain|fused@32|liger-jsd) \|.*\| ([0-9.]+) \|$", section, flags=re.M)}
-        assert set(rows) == {"plain", "fused@32", "liger-jsd"}
-        assert abs(rows["fused@32"] - rows["plain"]) <= 1e-4 * abs(rows["plain"])
-        verdict = next(line for line in section.splitlines() if line.startswith("- fused@32:"))
-        assert re.search(r"memory [0-9.]+ of plain \(target <= 0\.125\): (met|NOT met)", verdict)
-        assert re.search(r"Time [0-9.]+x liger's fused JSD \(target <= 1\.2x\): (met|NOT met)",
-                         verdict)
+            r"^\| (plain|fused@32|fused@auto|liger-jsd) \|.*\| ([0-9.]+) \|$", section, flags=re.M)}
+        assert set(rows) == {"plain", "fused@32", "fused@auto", "liger-jsd"}
+        for fused in ("fused@32", "fused@auto"):  # auto: chunk_size=0, the factory's default
+            assert abs(rows[fused] - rows["plain"]) <= 1e-4 * abs(rows["plain"])
+            verdict = next(line for line in section.splitlines()
+                           if line.startswith(f"- {fused}:"))
+            assert re.search(r"memory [0-9.]+ of plain \(target <= 0\.125\): (met|NOT met)",
+                             verdict)
+            assert re.search(
+                r"Time [0-9.]+x liger's fused JSD \(target <= 1\.2x\): (met|NOT met)", verdict)
