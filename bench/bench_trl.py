@@ -5,7 +5,7 @@ at Qwen3's (151,936).
 
 TRL is not a dependency of this project: run this from a bench-only virtual environment.
 
-    python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 trl -e .
+    python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 trl==1.16.0 -e .
     taskset -c 1 .bench-venv/bin/python bench/bench_trl.py             # both vocabularies
     taskset -c 1 .bench-venv/bin/python bench/bench_trl.py --vocabs 128 --rounds 1 --no-doc
     taskset -c 1 .bench-venv/bin/python bench/bench_trl.py --phases --vocabs 151936  # memory by phase
