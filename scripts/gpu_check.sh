@@ -8,9 +8,12 @@
 #    the GPU image lacks them) into $SITE and puts $SITE and the repo root on PYTHONPATH (the
 #    project is not pip-installed there);
 # 2. runs the gpu test tier: python -m pytest -m gpu -q tests/gpu;
-# 3. runs scripts/gpu_check.py --out $OUT/gpu_check.json (its arguments: this script's).
+# 3. runs scripts/gpu_check.py --out $OUT/gpu_check.json (its arguments: this script's);
+# 4. on CUDA, times the fused loss's chunk sizes (auto, 256, 1,024 rows) with
+#    bench/bench_losses.py.
 # Each step has its own time limit and a failing step does not stop the next; everything is
-# tee'd to $OUT/gpu_check.log, and a status table is printed last. Ends within about 7 minutes.
+# tee'd to $OUT/gpu_check.log, and a status table is printed last. Ends within about 9 minutes
+# (with PYTEST_LIMIT_S=200: keep the sum of the limits under the device tool's 600 s a call).
 # Exit status: 0 when every step passed, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 SITE=${SITE:-/tmp/site}
 PYTEST_LIMIT_S=${PYTEST_LIMIT_S:-120}
 CHECK_LIMIT_S=${CHECK_LIMIT_S:-290}
+LOSS_LIMIT_S=${LOSS_LIMIT_S:-90}
 mkdir -p "$OUT"
 
 declare -a STEPS=() CODES=() SECS=()
@@ -59,6 +63,17 @@ print('imports ok: torch', torch.__version__, '| cuda', torch.cuda.is_available(
   timeout -s INT -k 20 "$CHECK_LIMIT_S" "$PY" scripts/gpu_check.py --out "$OUT/gpu_check.json" "$@"
   rc=$?
   record "scripts/gpu_check.py" "$rc" $((SECONDS - t0))
+
+  if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    t0=$SECONDS
+    echo; echo "== bench/bench_losses.py: chunk sizes on the device (limit ${LOSS_LIMIT_S} s)"
+    # the real-scale overlays chunk the fused losses 1,024 rows at a time, not auto's 110 rows:
+    # time both at the 8B student's hidden size, bf16, one round
+    timeout -k 10 "$LOSS_LIMIT_S" "$PY" bench/bench_losses.py --device cuda --dtype bf16 \
+      --tokens 4096 --hidden 4096 --chunk-sizes 0,256,1024 --no-liger --no-doc
+    rc=$?
+    record "bench_losses.py chunk sizes" "$rc" $((SECONDS - t0))
+  fi
 
   echo; echo "== gpu_check.sh summary"
   printf '| %-28s | %-6s | %-7s |\n' "step" "status" "seconds"
