@@ -387,13 +387,12 @@ def main(argv=None) -> None:
         ]
     what = (f"{args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}" if len(sizes) == 1
             else f"tokens {args.tokens} x hidden {args.hidden}, vocab {args.vocab}")
-    threads = args.threads or machine["torch_threads"]
     block = "\n".join(
         [
             f"### {started:%Y-%m-%d %H:%M} UTC: {what}, k {args.k}, {args.dtype}, {args.device}",
             "",
             f"- command: `{command.strip()}`",
-            f"- machine: {where} {machine['torch']} ({threads} threads), "
+            f"- machine: {where} {machine['torch']} ({machine['torch_threads']} threads), "
             f"liger-kernel {machine['liger']}, Python {machine['python']}{load}",
             f"- memory method: "
             f"{'torch.cuda.max_memory_allocated' if cuda else 'VmHWM after clear_refs'} "

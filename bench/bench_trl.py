@@ -190,10 +190,9 @@ def child(args) -> dict:
 
     cfg, tokenizer, problems, messages, prompts, student, teacher = _setup(args)
     marks = []  # (wall, cpu) at the end of each step
-    prof = None
-    peak = {}
-
+    prof = None  # with --phases: the PhaseProfile, installed once the trainer exists
     step_rows = []  # with --phases: where each step's phase rows end
+    peak = {}
 
     def mark(step: int):
         marks.append(world.time_now())
@@ -352,7 +351,8 @@ def print_phases(args) -> None:
     for impl in ("ours", "trl-distillation"):
         out = run_child(impl, vocab, args)
         print(f"\n{LABELS[impl]}, vocab {vocab:,}: baseline {out['baseline_mib']:,.0f} MiB "
-              f"(libraries, both models, the trainer); phases of the last step, in the order they end (a nested one before its enclosing one):\n")
+              f"(libraries, both models, the trainer); phases of the last step, in the order "
+              f"they end (a nested one before its enclosing one):\n")
         print("| phase | RSS before (MiB) | high-water mark in it (MiB) | above the baseline | "
               "RSS after (MiB) |\n| --- | ---: | ---: | ---: | ---: |")
         for row in out["phases"]:
